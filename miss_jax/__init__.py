@@ -1,0 +1,15 @@
+"""miss-jax: MiSS (Matrix Shard Sharing) adapters for JAX/Flax, with PEFT-format interop.
+
+Public API:
+  MissConfig, get_peft_model, MissModel  -- PEFT's names and semantics
+  ops                                    -- the pure maths (balance / mini / bat, merge, unmerge)
+  linen                                  -- the functional Linen transform (Plan, apply, merge)
+  train                                  -- optax train step, orbax checkpoints
+"""
+
+from . import linen, ops
+from .config import MissConfig
+from .model import MissModel, get_peft_model
+
+__all__ = ["MissConfig", "MissModel", "get_peft_model", "linen", "ops"]
+__version__ = "0.1.0"
