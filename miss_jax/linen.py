@@ -200,7 +200,7 @@ def additive_terms(plan: Plan, adapter_params: Mapping) -> dict[Path, list[tuple
 
 
 @contextlib.contextmanager
-def intercept(plan: Plan, adapter_params: Mapping, train: bool = False) -> Iterator[None]:
+def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -> Iterator[None]:
     """Within this context, every Linen call of an adapted layer adds its balance/mini terms.
 
     Dropout (`miss_dropout`) applies to the layer input on the adapter path only, in training only,
@@ -218,7 +218,7 @@ def intercept(plan: Plan, adapter_params: Mapping, train: bool = False) -> Itera
         x = args[0]
         delta = None
         for spec, block in entries:
-            rate = spec.config.miss_dropout if train else 0.0
+            rate = 0.0 if deterministic else spec.config.miss_dropout
             xi = ops.dropout(x, rate, context.module.make_rng("dropout") if rate else None)
             term = ops.balance_output(xi, block)
             delta = term if delta is None else delta + term
@@ -234,16 +234,16 @@ def apply(
     params: Mapping,
     adapter_params: Mapping,
     *args: Any,
-    train: bool = False,
+    deterministic: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Runs `call(effective_params, *args, **kwargs)` with the plan's adapters applied.
 
     `call` is the model's own apply, e.g. `lambda p, *a, **k: hf_model(*a, params=p, **k)` or
-    `lambda p, *a, **k: module.apply({"params": p}, *a, **k)`. Pure and jit-able; differentiate
-    with respect to `adapter_params`.
+    `lambda p, *a, **k: module.apply({"params": p}, *a, **k)`. `deterministic=False` turns on
+    `miss_dropout` (Flax's convention). Pure and jit-able; differentiate with respect to `adapter_params`.
     """
-    with intercept(plan, adapter_params, train):
+    with intercept(plan, adapter_params, deterministic):
         return call(overlay(plan, params, adapter_params), *args, **kwargs)
 
 

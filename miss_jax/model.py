@@ -277,9 +277,13 @@ class MissModel:
     def _call(self, params: Mapping, **kwargs: Any) -> Any:
         return self.base_model(params=params, **kwargs)
 
+    def _apply(self, plan: Plan, params: Mapping, adapter_params: Mapping, kwargs: dict) -> Any:
+        deterministic = not kwargs.get("train", False)
+        return linen.apply(plan, self._call, params, adapter_params, deterministic=deterministic, **kwargs)
+
     def _forward_impl(self, plan: Plan, statics: tuple, params: Mapping, adapter_params: Mapping, arrays: dict):
         kwargs = {**arrays, **dict(statics)}
-        return linen.apply(plan, self._call, params, adapter_params, train=kwargs.get("train", False), **kwargs)
+        return self._apply(plan, params, adapter_params, kwargs)
 
     def apply_fn(self, plan: Optional[Plan] = None):
         """The pure forward `f(params, adapter_params, **model_kwargs)` for `plan` (default: now's).
@@ -291,7 +295,7 @@ class MissModel:
 
         def f(params: Mapping, adapter_params: Mapping, *args: Any, **kwargs: Any) -> Any:
             kwargs = self._bind(args, kwargs)
-            return linen.apply(plan, self._call, params, adapter_params, train=kwargs.get("train", False), **kwargs)
+            return self._apply(plan, params, adapter_params, kwargs)
 
         return f
 
