@@ -35,8 +35,12 @@ class TrainState:
 
 
 def create_train_state(peft_model: Any, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state for `peft_model.trainable_params()`."""
-    trainable = peft_model.trainable_params()
+    """A fresh state for `peft_model.trainable_params()`.
+
+    The leaves are copied: the step donates the state, and must never free buffers the model (or,
+    for `modules_to_save`, the base params) still holds.
+    """
+    trainable = jax.tree_util.tree_map(lambda a: a.copy(), peft_model.trainable_params())
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
 
