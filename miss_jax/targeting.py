@@ -207,8 +207,8 @@ def select(config: MissConfig, layers: dict[str, Layer]) -> tuple[Layer, ...]:
     if wrong:
         listed = ", ".join(f"{w.key} ({w.type_name})" for w in wrong[:5])
         raise ValueError(
-            f"Target modules must be linear layers (flax.linen.Dense or GPT-2's FlaxConv1D), but these matched: "
-            f"{listed}. Name the Dense layers inside them instead."
+            "Target modules must be linear layers (flax.linen.Dense, flax.nnx.Linear or GPT-2's FlaxConv1D), "
+            f"but these matched: {listed}. Name the Dense layers inside them instead."
         )
     if not chosen:
         linear = sorted({k.rsplit(".", 1)[-1] for k, layer in layers.items() if layer.is_linear})

@@ -1,0 +1,310 @@
+"""MiSS for Flax NNX (`miss_jax.nnx`): init, forward against independent references, merge/unmerge,
+training with `nnx.Optimizer`, `nnx.jit`, and errors, on a tiny attention + MLP model."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import miss_jax.nnx as miss_nnx
+from miss_jax import MissConfig, ops
+from miss_jax.nnx import MissLinear, MissParam, apply_miss, merge_and_unload, miss_layers
+
+D = 16
+MLP_HIDDEN = 18  # down_proj has in=18, not a multiple of r=4
+
+
+class Attention(nnx.Module):
+    """Single-head self-attention with a residual and a LayerNorm."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.q_proj = nnx.Linear(D, D, rngs=rngs)
+        self.k_proj = nnx.Linear(D, D, rngs=rngs)
+        self.v_proj = nnx.Linear(D, D, rngs=rngs)
+        self.o_proj = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+        self.norm = nnx.LayerNorm(D, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / D**0.5)
+        return self.norm(x + self.o_proj(att @ v))
+
+
+class TinyModel(nnx.Module):
+    """`(batch, seq, 16)` -> `(batch, seq, 16)`: two attention blocks, then a 16 -> 18 -> 16 MLP."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers = nnx.List([Attention(rngs) for _ in range(2)])
+        self.up_proj = nnx.Linear(D, MLP_HIDDEN, rngs=rngs)
+        self.down_proj = nnx.Linear(MLP_HIDDEN, D, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return self.down_proj(nnx.gelu(self.up_proj(x)))
+
+
+CONFIGS = {
+    "balance": MissConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "mini": MissConfig(r=4, mini_r=2, init_weights="mini", target_modules=["q_proj", "v_proj", "down_proj"]),
+    "bat": MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "v_proj", "o_proj"]),
+}
+X = jax.random.normal(jax.random.key(0), (2, 5, D))
+
+
+def base_model() -> TinyModel:
+    return TinyModel(nnx.Rngs(0))
+
+
+def adapted(variant: str) -> TinyModel:
+    """The base model with `variant` applied and random (non-zero) blocks."""
+    model = apply_miss(base_model(), CONFIGS[variant], nnx.Rngs(1))
+    randomize(model)
+    return model
+
+
+def mixed() -> TinyModel:
+    """Balance on q_proj, bat on v_proj and o_proj, mini (with dropout) on down_proj; random blocks."""
+    model = base_model()
+    apply_miss(model, MissConfig(r=4, target_modules=["q_proj"]), nnx.Rngs(1))
+    apply_miss(model, MissConfig(r=4, init_weights="bat", target_modules=["v_proj", "o_proj"]), nnx.Rngs(2))
+    apply_miss(
+        model,
+        MissConfig(r=4, mini_r=4, init_weights="mini", miss_dropout=0.1, target_modules=["down_proj"]),
+        nnx.Rngs(3),
+    )
+    randomize(model)
+    return model
+
+
+def randomize(model: nnx.Module, scale: float = 0.1) -> None:
+    for i, layer in enumerate(miss_layers(model).values()):
+        shape = layer.miss_block.shape
+        layer.miss_block[...] = scale * jax.random.normal(jax.random.key(100 + i), shape)
+
+
+def miss_leaves(model: nnx.Module) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(model, MissParam))]
+
+
+def frozen_leaves(model: nnx.Module) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(MissParam))))]
+
+
+def reference_kernel(kernel: jax.Array, layer: MissLinear) -> np.ndarray:
+    """`kernel` `(in, out)` adapted by `layer`'s block, by the DESIGN.md §1 formulas in numpy (not ops)."""
+    k = np.asarray(kernel, np.float64)
+    block = np.asarray(layer.miss_block[...], np.float64)
+    if layer.variant == "bat":
+        w = k.T.copy()  # torch layout (out, in); W'[a, c] = W[a, c] + W[a, c] @ B[a] + B[a]
+        r = block.shape[-1]
+        for a in range(w.shape[0] // r):
+            for c in range(w.shape[1] // r):
+                wb = w[a * r : (a + 1) * r, c * r : (c + 1) * r]
+                w[a * r : (a + 1) * r, c * r : (c + 1) * r] = wb + wb @ block[a] + block[a]
+        return w.T
+    if layer.variant == "mini":
+        block = block[:, np.arange(layer.out_features) % block.shape[1]]
+    return k + block[np.arange(layer.in_features) % block.shape[0]]  # dK[i, o] = D[i mod r, o]
+
+
+def test_doctests():
+    result = doctest.testmod(miss_nnx)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_zero_init_equals_base_and_shapes(variant):
+    base = base_model()
+    model = apply_miss(base_model(), CONFIGS[variant], nnx.Rngs(1))
+    layers = miss_layers(model)
+    targets = CONFIGS[variant].target_modules
+    expected = sorted(k for k in miss_nnx.discover(base) if k.rsplit(".", 1)[-1] in targets)
+    assert sorted(layers) == expected
+    for layer in layers.values():
+        r, out = 4, layer.out_features
+        shape = {"balance": (r, out), "mini": (r, 2), "bat": (out // r, r, r)}[variant]
+        assert layer.miss_block.shape == shape
+        assert isinstance(layer.miss_block, MissParam) and not layer.merged
+    np.testing.assert_allclose(model(X), base(X), atol=1e-6)
+
+
+def test_random_init_changes_output():
+    base = base_model()
+    config = MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = apply_miss(base_model(), config, nnx.Rngs(1))
+    blocks = miss_leaves(model)
+    assert len(blocks) == 5 and all(b.shape == (4, D) for b in blocks)
+    assert all(np.abs(b).max() <= 1 / D**0.5 and np.abs(b).min() > 0 for b in blocks)  # U(-1/sqrt(out), ..)
+    assert np.abs(np.asarray(model(X) - base(X))).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_forward_matches_references(variant):
+    model = adapted(variant)
+    for key, layer in miss_layers(model).items():
+        x = jax.random.normal(jax.random.key(1), (3, layer.in_features))
+        base = layer.base_layer
+        bias = np.asarray(base.bias[...]) if base.bias is not None else 0.0
+        want = np.asarray(x, np.float64) @ reference_kernel(base.kernel[...], layer) + bias
+        np.testing.assert_allclose(layer(x), want, atol=1e-5, err_msg=key)
+        if variant == "bat":
+            direct = x @ ops.bat_kernel(base.kernel[...], layer.miss_block[...]) + bias
+        else:
+            block = layer.miss_block[...]
+            block = ops.expand_mini(block, layer.out_features) if variant == "mini" else block
+            direct = base(x) + ops.balance_output(x, block)
+        np.testing.assert_allclose(layer(x), direct, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_merge_equals_unmerged_and_unmerge_restores(variant):
+    model = adapted(variant)
+    layers = miss_layers(model)
+    kernels = {k: np.asarray(m.base_layer.kernel[...]) for k, m in layers.items()}
+    y = model(X)
+    for m in layers.values():
+        m.merge()
+        m.merge()  # a merged layer stays as it is
+    assert all(m.merged for m in layers.values())
+    for k, m in layers.items():
+        np.testing.assert_allclose(m.base_layer.kernel[...], reference_kernel(kernels[k], m), atol=1e-5)
+    np.testing.assert_allclose(model(X), y, atol=1e-5)
+    for m in layers.values():
+        m.unmerge()
+    assert not any(m.merged for m in layers.values())
+    for k, m in layers.items():
+        np.testing.assert_allclose(m.base_layer.kernel[...], kernels[k], atol=1e-5)
+    np.testing.assert_allclose(model(X), y, atol=1e-5)
+
+
+def test_merge_and_unload_gives_plain_linears():
+    model = mixed()
+    model.eval()  # no adapter dropout, so the output is deterministic
+    y = model(X)
+    keys = sorted(miss_layers(model))
+    assert merge_and_unload(model) is model
+    assert miss_layers(model) == {} and miss_leaves(model) == []
+    linears = miss_nnx.discover(model)
+    assert all(linears[k].type_name == "Linear" for k in keys)
+    assert type(model.layers[1].v_proj) is nnx.Linear and type(model.down_proj) is nnx.Linear
+    np.testing.assert_allclose(model(X), y, atol=1e-5)
+
+
+def test_jit_matches_eager_forward_and_merge():
+    model = mixed()
+    model.eval()
+    eager = model(X)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, X), eager, atol=1e-5)
+
+    @nnx.jit
+    def merge_all(m):
+        for layer in miss_layers(m).values():
+            layer.merge()
+
+    merge_all(model)
+    assert all(layer.merged for layer in miss_layers(model).values())
+    np.testing.assert_allclose(model(X), eager, atol=1e-5)
+
+
+def test_dropout_follows_train_and_eval():
+    base = nnx.Linear(D, D, rngs=nnx.Rngs(0))
+    layer = MissLinear(base, MissConfig(r=4, miss_dropout=0.5, init_weights=False), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (4, D))
+    clean = base(x) + ops.balance_output(x, layer.miss_block[...])
+    first, second = layer(x), layer(x)
+    assert np.abs(np.asarray(first - second)).max() > 1e-4  # a fresh mask each call
+    assert np.abs(np.asarray(first - clean)).max() > 1e-4
+    layer.eval()
+    np.testing.assert_allclose(layer(x), clean, atol=1e-6)
+
+
+def test_adamw_trains_only_miss_params():
+    model = mixed()
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=MissParam)
+    target = jax.random.normal(jax.random.key(3), X.shape)
+
+    def loss_fn(m):
+        return jnp.mean((m(X) - target) ** 2)
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, MissParam))(m)
+        opt.update(m, grads)
+        return loss, grads
+
+    frozen, blocks = frozen_leaves(model), miss_leaves(model)
+    losses = []
+    for _ in range(8):
+        loss, grads = step(model, optimizer)
+        losses.append(float(loss))
+    grad_types = {type(v) for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))}
+    assert grad_types == {MissParam}
+    assert losses[-1] < losses[0]
+    for before, after in zip(frozen, frozen_leaves(model)):
+        np.testing.assert_array_equal(before, after)
+    assert all(np.abs(b - a).max() > 0 for b, a in zip(blocks, miss_leaves(model)))
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            MissConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"),
+            ["layers.1.q_proj"],
+        ),
+        (MissConfig(r=4, target_modules=r"layers\.0\.(k|v)_proj"), ["layers.0.k_proj", "layers.0.v_proj"]),
+        (MissConfig(r=4, target_modules=["layers.0.q_proj", "up_proj"]), ["layers.0.q_proj", "up_proj"]),
+        (MissConfig(r=4, target_modules="all-linear", exclude_modules=["o_proj"]),
+         [f"layers.{i}.{n}" for i in (0, 1) for n in ("k_proj", "q_proj", "v_proj")] + ["down_proj", "up_proj"]),
+    ],
+    ids=["layers_to_transform", "regex", "path", "all-linear"],
+)
+def test_peft_matching_rules_on_graph_paths(config, expected):
+    assert sorted(miss_layers(apply_miss(base_model(), config, nnx.Rngs(1)))) == sorted(expected)
+
+
+def test_layers_inside_nnx_containers():
+    rngs = nnx.Rngs(0)
+    seq = nnx.Sequential(nnx.Linear(8, 8, rngs=rngs), nnx.relu)
+    model = nnx.Dict({"seq": seq, "items": nnx.Linear(8, 4, rngs=rngs)})  # "items": a key that is a dict method
+    x = jnp.ones((2, 8))
+    y = model["items"](model["seq"](x))
+    apply_miss(model, MissConfig(r=4, init_weights=False, target_modules="all-linear"), nnx.Rngs(1))
+    assert sorted(miss_layers(model)) == ["items", "seq.layers.0"]
+    assert isinstance(model["seq"].layers[0], MissLinear) and isinstance(model["items"], MissLinear)
+    assert np.abs(np.asarray(model["items"](model["seq"](x)) - y)).max() > 1e-4
+    merge_and_unload(model)
+    assert type(model["items"]) is nnx.Linear and type(model["seq"].layers[0]) is nnx.Linear
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (MissConfig(r=32, target_modules=["down_proj"]), r"down_proj.*less than or equal to in_features \(18\)"),
+        (MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "down_proj"]), r"down_proj.*divisible by r"),
+        (MissConfig(r=4, init_weights="mini", mini_r=5, target_modules=["q_proj"]), r"q_proj.*mini_r \(5\)"),
+        (MissConfig(r=4, target_modules=["qproj"]), r"not found in the base model.*q_proj"),
+        (MissConfig(r=4, target_modules=["norm"]), r"must be linear layers.*layers\.0\.norm \(LayerNorm\)"),
+        (MissConfig(r=4, target_modules=None), r"pass `target_modules`"),
+        (MissConfig(r=4, bias="all", target_modules=["q_proj"]), r"bias='none'.*wrt"),
+    ],
+    ids=["r>in", "bat-indivisible", "mini-indivisible", "no-match", "wrong-type", "no-default", "bias"],
+)
+def test_bad_inputs_raise_and_change_nothing(config, message):
+    model = base_model()
+    with pytest.raises(ValueError, match=message):
+        apply_miss(model, config, nnx.Rngs(1))
+    assert miss_layers(model) == {}
+
+
+def test_adapting_twice_raises():
+    model = apply_miss(base_model(), CONFIGS["balance"], nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"Already MiSS-adapted.*merge_and_unload"):
+        apply_miss(model, MissConfig(r=4, target_modules=["v_proj"]), nnx.Rngs(2))
+    with pytest.raises(ValueError, match="wraps an nnx.Linear"):
+        MissLinear(model.layers[0].norm, CONFIGS["balance"], rngs=nnx.Rngs(2))
