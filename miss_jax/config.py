@@ -108,15 +108,15 @@ class MissConfig:
             raise ValueError(f"Unknown `bias` {self.bias!r}; allowed: {', '.join(map(repr, BIAS_MODES))}.")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"Unknown `task_type` {self.task_type!r}; allowed: None or one of {TASK_TYPES}.")
-        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+        if isinstance(self.target_modules, str):  # as PEFT: a regex or "all-linear"
             if self.layers_to_transform is not None:
                 raise ValueError(
-                    "`layers_to_transform` cannot be used when `target_modules` is a str (a regex): put the layer "
-                    "indices into the regex, or pass `target_modules` as a list of names."
+                    "`layers_to_transform` cannot be used when `target_modules` is a str (a regex or 'all-linear'): "
+                    "put the layer indices into the regex, or pass `target_modules` as a list of names."
                 )
             if self.layers_pattern is not None:
                 raise ValueError(
-                    "`layers_pattern` cannot be used when `target_modules` is a str (a regex): pass "
+                    "`layers_pattern` cannot be used when `target_modules` is a str (a regex or 'all-linear'): pass "
                     "`target_modules` as a list of names."
                 )
         lt = self.layers_to_transform

@@ -137,7 +137,10 @@ def init_adapter(spec: AdapterSpec, params: Mapping, rng: jax.Array, abstract: b
 
 
 def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...]:
-    """Module paths (param subtrees) whose name equals or ends with an entry of `modules_to_save`."""
+    """Module paths (param subtrees) whose name equals or ends with an entry of `modules_to_save`.
+
+    Raises if no entry matches (PEFT's task wrappers add names such as "score" that a model may lack).
+    """
     names = config.modules_to_save or ()
     found: list[Path] = []
     modules = sorted({path[:i] for path in _flat(params) for i in range(1, len(path))})
@@ -145,19 +148,26 @@ def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...
         key = ".".join(path)
         if any(key == n or key.endswith("." + n) for n in names) and not any(path[: len(f)] == f for f in found):
             found.append(path)
-    missing = [n for n in names if not any(".".join(p) == n or ".".join(p).endswith("." + n) for p in found)]
-    if missing:
+    if names and not found:  # as PEFT, names that match nothing are skipped while another one matches
         raise ValueError(
-            f"modules_to_save {missing} not found in the model's params; top-level modules are "
+            f"modules_to_save {list(names)} not found in the model's params; top-level modules are "
             f"{sorted({p[0] for p in _flat(params)})}."
         )
     return tuple(found)
 
 
-def find_bias_paths(config: MissConfig, params: Mapping, layers: tuple[Layer, ...]) -> tuple[Path, ...]:
-    """Module paths whose `bias` is trained: every bias ("all") or those of adapted layers ("MiSS_only")."""
+def find_bias_paths(
+    config: MissConfig, params: Mapping, layers: tuple[Layer, ...], saved: tuple[Path, ...] = ()
+) -> tuple[Path, ...]:
+    """Module paths whose `bias` is trained: every bias ("all") or those of adapted layers ("MiSS_only").
+
+    Biases inside `saved` (modules_to_save) modules are left out: as in PEFT, their copy trains instead.
+    """
     if config.bias == "all":
-        return tuple(path[:-1] for path in _flat(params) if path[-1] == "bias")
+        return tuple(
+            path[:-1] for path in _flat(params)
+            if path[-1] == "bias" and not any(path[: len(s)] == s for s in saved)
+        )
     if config.bias == "MiSS_only":
         return tuple(layer.path for layer in layers if layer.has_bias)
     return ()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,18 @@ def _is_array(x: Any) -> bool:
 
 def _abstract_leaves(tree: PyTree) -> bool:
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@functools.lru_cache(maxsize=32)
+def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, treedef: Any, shardings: tuple) -> Callable:
+    """`linen.merge` jitted for one (plan, names, sign); each param sharded over a mesh (`shardings`
+    entry not None) keeps that sharding, so a sharded model is merged shard by shard, never gathered."""
+
+    def merged(params: Mapping, adapter_params: Mapping) -> list:
+        leaves = treedef.flatten_up_to(linen.merge(plan, params, adapter_params, names, sign))
+        return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+
+    return jax.jit(merged)
 
 
 class MissModel:
@@ -117,13 +130,8 @@ class MissModel:
             raise ValueError(f"Adapter name {adapter_name!r} is reserved; choose another name.")
         config = resolve_targets(config, self.layers, self.model_type)
         layers = select(config, self.layers)
-        spec = AdapterSpec(
-            adapter_name,
-            config,
-            layers,
-            linen.find_modules_to_save(config, self.params),
-            linen.find_bias_paths(config, self.params, layers),
-        )
+        saved = linen.find_modules_to_save(config, self.params)
+        spec = AdapterSpec(adapter_name, config, layers, saved, linen.find_bias_paths(config, self.params, layers, saved))
         self._rng, key = jax.random.split(self._rng)
         new = linen.init_adapter(spec, self.params, key, abstract=low_cpu_mem_usage)  # validates shapes
         self._specs[adapter_name] = spec
@@ -195,7 +203,7 @@ class MissModel:
             return
         self._require_weights(todo)
         plan = self.plan
-        new = linen.merge(plan, self.params, self.adapter_params, todo)
+        new = self._merged(todo, 1)
         if safe_merge:
             linen.check_finite(new, plan, todo)
         self.params = new
@@ -206,8 +214,16 @@ class MissModel:
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.params = linen.merge(self.plan, self.params, self.adapter_params, tuple(self.merged_adapters), -1)
+        self.params = self._merged(tuple(self.merged_adapters), -1)
         self.merged_adapters = []
+
+    def _merged(self, names: tuple[str, ...], sign: int) -> dict:
+        """The params with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass."""
+        params = jax.tree_util.tree_map(jnp.asarray, self.params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        shardings = tuple(x.sharding if len(x.sharding.device_set) > 1 else None for x in leaves)
+        blocks = {"miss": {n: self.adapter_params["miss"][n] for n in names}}
+        return jax.tree_util.tree_unflatten(treedef, _merge_fn(self.plan, names, sign, treedef, shardings)(params, blocks))
 
     def _unloaded_params(self) -> dict:
         plan = dataclasses.replace(self.plan, active=())

@@ -67,7 +67,10 @@ def balance_output(x: Array, block: Array) -> Array:
     block's dtype, as PEFT casts the input to the adapter's dtype.
     """
     x = x.astype(jnp.promote_types(x.dtype, block.dtype))
-    return fold_input(x, block.shape[0]) @ block
+    folded = fold_input(x, block.shape[0])
+    # A 2-D matmul: with (..., r) operands XLA:CPU transposes a copy of the output gradient for d(block).
+    out = folded.reshape(-1, folded.shape[-1]) @ block
+    return out.reshape(*folded.shape[:-1], block.shape[-1])
 
 
 def balance_delta(block: Array, in_features: int, layout: Layout = "flax") -> Array:

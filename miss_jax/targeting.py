@@ -65,6 +65,9 @@ DEFAULT_TARGETS: dict[str, Any] = {
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT: heads all-linear leaves alone for SEQ_CLS
 OUTPUT_LAYER_NAMES = ("lm_head",)  # the output embedding all-linear leaves alone
+# PEFT's task wrappers (PeftModelForSequenceClassification, ...) add these heads to modules_to_save.
+TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                        "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _conv1d_class() -> Optional[type]:
@@ -181,7 +184,12 @@ def matches(config: MissConfig, key: str) -> bool:
 
 
 def resolve_targets(config: MissConfig, layers: dict[str, Layer], model_type: Optional[str]) -> MissConfig:
-    """Fills in `target_modules` (PEFT's default table, or `"all-linear"` expanded to layer names)."""
+    """Fills in `target_modules` (PEFT's default table, or `"all-linear"` expanded to layer names), and adds
+    the task's head to `modules_to_save` as PEFT's task wrappers do (e.g. SEQ_CLS: "classifier", "score")."""
+    saved = tuple(config.modules_to_save or ())
+    extra = tuple(n for n in TASK_MODULES_TO_SAVE.get(config.task_type, ()) if n not in saved)
+    if extra:
+        config = dataclasses.replace(config, modules_to_save=saved + extra)
     targets = config.target_modules
     if targets is None:
         if model_type not in DEFAULT_TARGETS:

@@ -17,8 +17,10 @@ import transformers
 _SPECS: dict[str, tuple[str, dict[str, Any], str]] = {
     "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=64), "LlamaForCausalLM"),
+    # sliding_window=None would make Flax Mistral attend to the diagonal only (transformers 4.57 masks with
+    # triu(causal, -(sliding_window or 0))); a window as long as the positions is plain causal attention in both.
     "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, sliding_window=None, max_position_embeddings=64), "MistralForCausalLM"),
+                                      num_key_value_heads=2, sliding_window=64, max_position_embeddings=64), "MistralForCausalLM"),
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=64), "GemmaForCausalLM"),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "GPT2LMHeadModel"),

@@ -1,0 +1,198 @@
+"""The JAX side of the benchmark: miss_jax on transformers' Flax models, in its own process.
+
+    python benchmarks/jax_side.py SETTINGS_JSON OUT_JSON
+
+Reads the Flax weights `prepare.py` wrote, times every case (see `specs`), writes one JSON and the
+base model's logits (`<workdir>/<model>/jax_logits.npy`) for the same-weights check.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import specs
+import timing
+from report import write_json
+
+
+def _setup(settings: specs.Settings) -> None:
+    if settings.device == "cpu":
+        timing.pin_threads(settings.threads)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def main(settings_path: str, out_path: str) -> None:
+    settings = specs.Settings.from_json(open(settings_path).read())
+    _setup(settings)
+    import flax
+    import jax
+    import optax
+    import transformers
+
+    import miss_jax
+
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "side": "jax",
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                     "transformers": transformers.__version__, "miss_jax": getattr(miss_jax, "__version__", "")},
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "models": {},
+    }
+    for spec in settings.models:
+        result["models"][spec.name] = JaxSuite(spec, settings).run()
+    write_json(out_path, result)
+
+
+class JaxSuite:
+    """Every case for one model. Base params are kept apart from the model object, which
+    `merge_and_unload` overwrites (it is restored after each merge)."""
+
+    def __init__(self, spec: specs.ModelSpec, settings: specs.Settings) -> None:
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import transformers
+        from flax.core import unfreeze
+
+        from miss_jax.train import causal_lm_loss, classification_loss
+
+        self.jax, self.jnp, self.optax = jax, jnp, optax
+        self.spec, self.settings = spec, settings
+        cls = getattr(transformers, "Flax" + spec.model_class)
+        self.model = cls.from_pretrained(os.path.join(settings.workdir, spec.name, "flax"))
+        self.base = unfreeze(self.model.params)
+        self.batch = {k: jnp.asarray(v) for k, v in specs.inputs(spec).items()}
+        self.model_inputs = {k: v for k, v in self.batch.items() if k != "labels"}
+        self.loss_fn = classification_loss if spec.task == "classification" else causal_lm_loss
+        self.tx = optax.adamw(1e-4, weight_decay=0.01)
+        self.memory = timing.Memory(*self._device_memory_hooks())
+        model = self.model
+        self.forward = jax.jit(lambda params, inputs: model(**inputs, params=params).logits)
+
+    def _device_memory_hooks(self) -> tuple[Any, Any]:
+        device = self.jax.devices()[0]
+        if device.platform == "cpu":
+            return None, None
+        # XLA exposes no reset of the peak: this is the peak so far in the process.
+        return None, lambda: device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+
+    def _sync(self, x: Any) -> Any:
+        return self.jax.block_until_ready(x)
+
+    def _measure(self, fn: Callable[[], Any]) -> dict[str, float]:
+        s = self.settings
+        return timing.measure(fn, self._sync, s.warmup, s.repeats, self.memory)
+
+    def _miss_model(self, variant: str) -> Any:
+        from miss_jax import MissConfig, MissModel
+
+        config = MissConfig(**specs.miss_kwargs(variant, self.settings, self.spec))
+        return MissModel(self.model, config, params=self.base)
+
+    def run(self) -> dict[str, Any]:
+        import numpy as np
+
+        out: dict[str, Any] = {"forward": {}, "train": {}, "create": {}, "merge_and_unload": {}, "compiles": {}}
+        logits = self.forward(self.base, self.model_inputs)
+        np.save(os.path.join(self.settings.workdir, self.spec.name, "jax_logits.npy"), np.asarray(logits),
+                allow_pickle=False)
+        out["forward"]["base"] = self._measure(lambda: self.forward(self.base, self.model_inputs))
+        for variant in specs.VARIANTS:
+            pm = self._miss_model(variant)
+            out["forward"][variant] = self._measure(lambda: pm(**self.model_inputs).logits)
+            out["compiles"][f"forward/{variant}"] = pm._forward._cache_size()
+            out["train"][variant], out["compiles"][f"train/{variant}"] = self._train_miss(pm)
+            del pm
+        out["train"]["full"], out["compiles"]["train/full"] = self._train_full()
+        for variant in specs.VARIANTS:
+            out["create"][variant] = self._create(variant)
+            out["merge_and_unload"][variant] = self._merge(variant)
+        merged = self._miss_model("balance").merge_and_unload().params
+        self.model.params = self.base
+        out["forward"]["merged"] = self._measure(lambda: self.forward(merged, self.model_inputs))
+        out["copy_kernels"] = self._copy_kernels()
+        out["trainable_params"] = self._trainable_counts()
+        return out
+
+    def _train_miss(self, pm: Any) -> tuple[dict[str, float], int]:
+        from miss_jax.train import create_train_state, make_train_step
+
+        step = make_train_step(pm, self.tx, self.loss_fn)
+        box = {"state": create_train_state(pm, self.tx)}
+        rng = self.jax.random.PRNGKey(0)
+        params = pm.params
+
+        def run() -> Any:
+            box["state"], loss = step(params, box["state"], self.batch, rng)
+            return loss
+
+        return self._measure(run), step._cache_size()
+
+    def _train_full(self) -> tuple[dict[str, float], int]:
+        """Full fine-tuning for reference: every base param differentiated, AdamW, donated buffers."""
+        jax, optax, model, loss_fn, tx = self.jax, self.optax, self.model, self.loss_fn, self.tx
+
+        def step(params: Any, opt_state: Any, batch: dict, rng: Any) -> tuple[Any, Any, Any]:
+            def loss(p: Any) -> Any:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                return loss_fn(model(**inputs, params=p, dropout_rng=rng, train=True), batch)
+
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        params = jax.tree_util.tree_map(self.jnp.copy, self.base)  # donated: never the base buffers
+        box = {"params": params, "opt": tx.init(params)}
+        rng = jax.random.PRNGKey(0)
+
+        def run() -> Any:
+            box["params"], box["opt"], loss = jitted(box["params"], box["opt"], self.batch, rng)
+            return loss
+
+        result = self._measure(run)
+        del box
+        return result, jitted._cache_size()
+
+    def _create(self, variant: str) -> dict[str, float]:
+        def create(_: Any) -> Any:
+            return self._miss_model(variant).adapter_params
+
+        return timing.measure_fresh(lambda: None, create, self._sync, self.settings.repeats, self.memory)
+
+    def _merge(self, variant: str) -> dict[str, float]:
+        def setup() -> Any:
+            pm = self._miss_model(variant)
+            self._sync(pm.adapter_params)
+            return pm
+
+        result = timing.measure_fresh(setup, lambda pm: pm.merge_and_unload().params, self._sync,
+                                      self.settings.repeats, self.memory)
+        self.model.params = self.base
+        return result
+
+    def _copy_kernels(self) -> dict[str, float]:
+        """Reference for merge_and_unload: a jitted copy of the same kernels (one pass over them)."""
+        pm = self._miss_model("balance")
+        kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm._specs["default"].layers]
+        copy = self.jax.jit(lambda ks: [self.jnp.copy(k) for k in ks])
+        return self._measure(lambda: copy(kernels))
+
+    @staticmethod
+    def _get(tree: Any, path: tuple[str, ...]) -> Any:
+        for p in path:
+            tree = tree[p]
+        return tree
+
+    def _trainable_counts(self) -> dict[str, int]:
+        return {v: self._miss_model(v).get_nb_trainable_parameters()[0] for v in specs.VARIANTS}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

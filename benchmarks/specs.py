@@ -1,0 +1,106 @@
+"""What the benchmark runs: model shapes, adapter settings, inputs. Shared by both sides (numpy only).
+
+Two models, the same architecture and weights in both frameworks:
+  * ``bert``: all-MiniLM-L6-shaped BERT (6 layers, hidden 384, intermediate 1536, 12 heads) with a
+    2-way sequence-classification head; MiSS on ``query``/``value``/``dense`` (PEFT's suffix match, so
+    every ``*.dense``: attention.output, intermediate, output and the pooler).
+  * ``llama``: a Llama-shaped causal LM of ~106M parameters (8 layers, hidden 768, intermediate 2048,
+    12 heads, vocab 32000); MiSS on all seven projections.
+``--quick`` swaps both for tiny shapes (hidden 32, 2 layers) for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+VARIANTS = ("balance", "mini", "bat")
+FORWARD_CASES = ("base",) + VARIANTS + ("merged",)
+TRAIN_CASES = VARIANTS + ("full",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model: transformers class names (torch name; Flax adds the prefix), config, targets."""
+
+    name: str
+    config_class: str
+    model_class: str
+    config: dict[str, Any]
+    targets: tuple[str, ...]
+    task: str  # "classification" (labels (B,)) or "causal_lm" (next-token on input_ids)
+    batch: int
+    seq: int
+
+    @property
+    def vocab(self) -> int:
+        return int(self.config["vocab_size"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a side needs to run the same suite (serialised to JSON for the side processes)."""
+
+    models: tuple[ModelSpec, ...]
+    r: int
+    mini_r: int
+    threads: int
+    warmup: int
+    repeats: int
+    device: str  # "cpu" or "gpu"
+    workdir: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        d = json.loads(text)
+        models = tuple(ModelSpec(**{**m, "targets": tuple(m["targets"])}) for m in d.pop("models"))
+        return cls(models=models, **d)
+
+
+def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: bool) -> dict[str, ModelSpec]:
+    """The benchmark's models; ``quick`` gives tiny shapes with the same structure."""
+    if quick:
+        bert = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        llama = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4)
+    else:
+        bert = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                    num_attention_heads=12)
+        llama = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                     num_attention_heads=12, num_key_value_heads=12)
+    bert.update(num_labels=2, max_position_embeddings=max(512, seq))
+    llama.update(max_position_embeddings=max(512, llama_seq), tie_word_embeddings=False)
+    return {
+        "bert": ModelSpec("bert", "BertConfig", "BertForSequenceClassification", bert,
+                          ("query", "value", "dense"), "classification", batch, seq),
+        "llama": ModelSpec("llama", "LlamaConfig", "LlamaForCausalLM", llama,
+                           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                           "causal_lm", llama_batch, llama_seq),
+    }
+
+
+def inputs(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch both sides feed: int32 ``input_ids``/``attention_mask`` ``(B, T)``; ``labels`` ``(B,)`` for
+    classification (causal LM losses take their labels from ``input_ids``)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, spec.vocab, (spec.batch, spec.seq)).astype(np.int32)
+    out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if spec.task == "classification":
+        out["labels"] = rng.integers(0, spec.config["num_labels"], (spec.batch,)).astype(np.int32)
+    return out
+
+
+def miss_kwargs(variant: str, settings: Settings, spec: ModelSpec) -> dict[str, Any]:
+    """MissConfig keyword arguments for a variant, identical for miss_jax and PEFT.
+
+    balance starts random (``init_weights=False``) so that merges move the weights; mini and bat start
+    at PEFT's zeros (their cost does not depend on the values).
+    """
+    init = {"balance": False, "mini": "mini", "bat": "bat"}[variant]
+    return dict(r=settings.r, mini_r=settings.mini_r, init_weights=init, target_modules=list(spec.targets))

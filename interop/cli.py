@@ -1,0 +1,304 @@
+"""The `miss-jax` command: check an adapter against PyTorch, convert checkpoints, inspect folders.
+
+    miss-jax check   --base MODEL_DIR --adapter ADAPTER_DIR [--atol 1e-4] [--seq-len 8] [--batch 2] [--seed 0]
+    miss-jax convert SRC --to {peft,lora} --base MODEL_DIR --out OUT_DIR [--rank K] [--step N] [--adapter-name NAME]
+    miss-jax inspect ADAPTER_DIR
+
+Exit codes: 0 success, 1 `check` found a difference beyond `--atol`, 2 bad usage or bad input
+(missing folder, wrong kind of folder, ...), with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+CHECKPOINT_FORMAT = "miss-jax-train-state/1"
+
+_EPILOG = """examples:
+  miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4
+  miss-jax convert ./ckpts --to peft --base ./llama-tiny --out ./my-adapter
+  miss-jax convert ./my-adapter --to lora --base ./llama-tiny --out ./my-lora --rank 16
+  miss-jax inspect ./my-adapter
+"""
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _block_kind(key: str) -> Optional[str]:
+    for suffix in (".miss_block", ".bone_block", ".lora_A.weight", ".lora_B.weight"):
+        if key.endswith(suffix):
+            return suffix.strip(".")
+    return None
+
+
+def _under(key: str, names: Sequence[str]) -> bool:
+    """Does the tensor `key` (without the PEFT prefix) belong to one of the `modules_to_save` modules?"""
+    module = key.rsplit(".", 1)[0]
+    return any(module == n or module.endswith("." + n) or ("." + n + ".") in "." + module + "." for n in names)
+
+
+def _variant(config: dict[str, Any]) -> str:
+    """'balance' / 'mini' / 'bat' for a MiSS or BONE config, '-' for other PEFT types."""
+    from .peft_io import LEGACY_PEFT_TYPE, config_from_json
+
+    if config.get("peft_type") not in ("MISS", LEGACY_PEFT_TYPE):
+        return "-"
+    return config_from_json(config)[0].variant
+
+
+def inspect_folder(folder: str) -> list[str]:
+    """A description of a PEFT adapter folder (MiSS, BONE, LoRA, ...): config, tensors, parameter counts.
+
+    Reads the config and the safetensors header only (shapes and dtypes; no tensor data, no model).
+    """
+    from safetensors import safe_open
+
+    from . import safetensors_io as files
+    from .names import PREFIX
+
+    config = files.read_config(folder)
+    weights = os.path.join(folder, files.WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        files.read_tensors(folder)  # raises the explanatory error (missing file, or a pickle only)
+    saved = config.get("modules_to_save") or []
+    counts = {"adapter": 0, "modules_to_save": 0, "bias": 0, "other": 0}
+    rows = []
+    with safe_open(weights, "np") as f:
+        for key in sorted(f.keys()):
+            sl = f.get_slice(key)
+            shape, dtype, short = tuple(sl.get_shape()), sl.get_dtype(), key.removeprefix(PREFIX)
+            group = (
+                "adapter" if _block_kind(key)
+                else "modules_to_save" if _under(short, saved)
+                else "bias" if key.endswith(".bias")
+                else "other"
+            )
+            counts[group] += int(np.prod(shape))
+            rows.append((short, shape, dtype, group))
+    variant = _variant(config)
+    lines = [
+        f"folder:          {os.path.abspath(folder)}",
+        f"type:            {config['peft_type']}" + (f" (peft {config['peft_version']})" if config.get("peft_version") else ""),
+        f"r:               {config.get('r', '-')}"
+        + (f", mini_r: {config.get('mini_r')}" if variant == "mini" else "")
+        + (f", lora_alpha: {config.get('lora_alpha')}" if "lora_alpha" in config else ""),
+        f"targets:         {config.get('target_modules')!r}",
+        f"bias:            {config.get('bias', 'none')}",
+        f"modules_to_save: {saved or None}",
+        f"task_type:       {config.get('task_type')}",
+        f"tensors ({len(rows)}):",
+    ]
+    if variant != "-":
+        lines.insert(2, f"variant:         {variant} (init_weights={config.get('init_weights')!r})")
+    width = max((len(r[0]) for r in rows), default=0)
+    lines += [f"  {name:<{width}s}  {str(shape):<14s} {dtype:<5s} {group}" for name, shape, dtype, group in rows]
+    total = sum(counts.values())
+    lines.append("parameters:      " + ", ".join(f"{k} {v:,d}" for k, v in counts.items() if v) + f"; total {total:,d}")
+    subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, files.CONFIG_NAME)))
+    if subs:
+        lines.append(f"other adapters in sub-folders: {subs}")
+    return lines
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
+
+
+def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = None) -> Any:
+    """A `MissModel` on the base model with the trained adapter params of an orbax training checkpoint.
+
+    The checkpoint holds the trained (active) adapters only; they come back active.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    from miss_jax import MissConfig, MissModel, train
+
+    from .torch_ref import load_flax_model
+
+    meta = train.read_checkpoint_metadata(ckpt_dir, step)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{ckpt_dir!r} is not a miss-jax training checkpoint (format {meta.get('format')!r}).")
+    with train._manager(ckpt_dir) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step not in mngr.all_steps():
+            raise UsageError(f"{ckpt_dir!r} has no step {step}; it has {sorted(mngr.all_steps())}.")
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    names = list(meta["adapters"])
+    flax_model, params = load_flax_model(base_dir)
+    model = MissModel(flax_model, MissConfig.from_dict(meta["adapters"][names[0]]), names[0], params=params)
+    for name in names[1:]:
+        model.add_adapter(name, MissConfig.from_dict(meta["adapters"][name]))
+    model.set_adapter(meta["active"])
+    expected = model.trainable_params()
+    trained = {g: state["trainable"].get(g, {}) for g in expected}
+    want = jax.tree_util.tree_map(np.shape, expected)
+    got = jax.tree_util.tree_map(np.shape, trained)
+    if want != got:
+        raise UsageError(
+            f"The checkpoint's adapter params do not fit the base model {base_dir!r} (trained on another model?): "
+            f"expected shapes {want}, found {got}."
+        )
+    model.update_params(jax.tree_util.tree_map(jax.numpy.asarray, trained))
+    return model
+
+
+def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[int] = None, step: Optional[int] = None,
+            adapter_name: Optional[str] = None) -> list[str]:
+    """Converts an orbax training checkpoint or a PEFT MiSS folder to a PEFT MiSS folder or a LoRA folder."""
+    from miss_jax import MissModel
+
+    from . import safetensors_io as files
+    from .lora import save_lora
+    from .torch_ref import load_flax_model
+
+    if not os.path.exists(src):
+        raise UsageError(f"Source {src!r} does not exist.")
+    if os.path.isfile(os.path.join(src, files.CONFIG_NAME)):
+        if to == "peft":
+            raise UsageError(f"{src!r} is already a PEFT folder; use --to lora to export it as LoRA.")
+        flax_model, params = load_flax_model(base_dir)
+        model = MissModel.from_pretrained(flax_model, src, params=params)
+    elif _is_checkpoint(src):
+        model = model_from_checkpoint(src, base_dir, step)
+    else:
+        raise UsageError(
+            f"{src!r} is neither a PEFT adapter folder ({files.CONFIG_NAME}) nor an orbax training checkpoint "
+            "(numbered step folders written by miss_jax.train.save_checkpoint)."
+        )
+    if to == "peft":
+        names = [adapter_name] if adapter_name else list(model.active_adapters)
+        model.save_pretrained(out, selected_adapters=names)
+        return [f"wrote PEFT MiSS adapter(s) {names} to {out}"]
+    name = adapter_name or model.active_adapter
+    report = save_lora(model, out, name, rank=rank, progress=True)
+    return [f"wrote LoRA adapter to {out}", report.summary()]
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `miss-jax` and its three sub-commands."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="miss-jax",
+        description="MiSS adapters for JAX/Flax: check against PEFT on PyTorch, convert, inspect.",
+        epilog=_EPILOG + "\nexit codes: 0 success, 1 check beyond tolerance, 2 bad usage or input",
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{check,convert,inspect}", required=True)
+
+    p = sub.add_parser(
+        "check",
+        help="compare an adapter on JAX against PEFT on PyTorch",
+        description="Load the base model and the adapter in JAX (miss_jax.MissModel) and in PyTorch "
+        "(peft.PeftModel), run the same random inputs through both and print the largest absolute difference per "
+        "output. Exit 0 within --atol, 1 beyond it. GPT-2 style Conv1D layers, which PEFT's MiSS cannot load, are "
+        "checked through the adapter's exact LoRA export.",
+        formatter_class=fmt,
+    )
+    p.add_argument("--base", required=True, metavar="MODEL_DIR",
+                   help="transformers save_pretrained folder (torch and/or Flax weights)")
+    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT MiSS adapter folder")
+    p.add_argument("--atol", type=_nonnegative_float, default=1e-4, help="largest allowed difference (default 1e-4)")
+    p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens per sequence for text models (default 8)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+    p = sub.add_parser(
+        "convert",
+        help="orbax training checkpoint -> PEFT folder; checkpoint or PEFT folder -> LoRA folder",
+        description="Convert SRC, an orbax training checkpoint (miss_jax.train.save_checkpoint) or a PEFT MiSS "
+        "folder, to a PEFT MiSS folder (--to peft, checkpoints only) or to a PEFT LoRA folder (--to lora). "
+        "balance/mini adapters convert exactly at rank r; bat adapters through an SVD of their weight update at "
+        "--rank (default: full rank, exact), and the relative approximation error is printed.",
+        formatter_class=fmt,
+    )
+    p.add_argument("src", metavar="SRC", help="orbax checkpoint folder or PEFT MiSS adapter folder")
+    p.add_argument("--to", required=True, choices=("peft", "lora"), help="output format")
+    p.add_argument("--base", required=True, metavar="MODEL_DIR",
+                   help="the base model's transformers folder (needed to rebuild the model)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to write")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="LoRA rank (--to lora): bat default full rank; below r, balance/mini are SVD-truncated")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to convert (default: the latest)")
+    p.add_argument("--adapter-name", default=None,
+                   help="adapter to write (default: the active ones for peft, the first active one for lora)")
+
+    p = sub.add_parser(
+        "inspect",
+        help="describe an adapter folder (no model needed)",
+        description="Print the type (MISS, BONE, LORA, ...), variant, targets, tensor shapes and parameter counts "
+        "of a PEFT adapter folder. No model is loaded.",
+        formatter_class=fmt,
+    )
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter folder")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        print("\n".join(inspect_folder(args.adapter)))
+        return 0
+    from .torch_ref import check, weight_formats
+
+    weight_formats(args.base)  # fail fast on a bad --base
+    if args.command == "check":
+        result = check(args.base, args.adapter, args.atol, args.seq_len, args.batch, args.seed, progress=True)
+        print("\n".join(result.lines()))
+        return 0 if result.ok else 1
+    print("\n".join(convert(args.src, args.to, args.base, args.out, args.rank, args.step, args.adapter_name)))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs `miss-jax` with `argv` (default: the command line); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, message already on stderr)
+        return int(e.code or 0)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"miss-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

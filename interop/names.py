@@ -1,0 +1,79 @@
+"""Flax param paths <-> PEFT / PyTorch state-dict keys.
+
+Module paths are generic: a transformers Flax model's param tree mirrors the torch module tree of
+the same architecture (that is how `from_pt=True` works), so a module's torch path is its Flax
+path joined with ".". This holds for every architecture the tests cover and for every Flax
+architecture of transformers 4.57 that builds from a config; no per-architecture table is needed.
+The two trees differ only in
+
+  * leaf names and layouts (the table below): Dense `kernel` `(in, out)` is torch `weight` `(out, in)`
+    (GPT-2's `FlaxConv1D` kernel `(out, in)` is its torch `Conv1D` weight `(in, out)`: the same
+    transpose), a Conv kernel `(*window, in, out)` is torch `(out, in, *window)`, `embedding` and a
+    LayerNorm `scale` are torch `weight`;
+  * tied weights (`lm_head`, T5/BART `embed_tokens`) that exist only in torch's state dict.
+
+PEFT's adapter files prefix every key with `base_model.model.`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Path = tuple[str, ...]
+
+PREFIX = "base_model.model."
+BLOCK = "miss_block"
+BASE_LAYER = "base_layer"  # PEFT's wrapped layer: the bias of an adapted layer is `<path>.base_layer.bias`
+ORIGINAL_MODULE = "original_module"  # the untouched module beside a modules_to_save copy
+SAVED_COPY = "modules_to_save"
+
+# Flax leaf name -> torch parameter name (leaves not listed keep their name: `bias`, RMSNorm `weight`).
+_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+
+def module_key(path: Path) -> str:
+    """`("model", "layers", "0", "self_attn", "q_proj")` -> `"model.layers.0.self_attn.q_proj"`."""
+    return ".".join(path)
+
+
+def module_path(key: str) -> Path:
+    """The inverse of `module_key`."""
+    return tuple(key.split("."))
+
+
+def adapter_key(path: Path, *names: str) -> str:
+    """The key of a tensor in a PEFT adapter file, e.g. `adapter_key(path, "miss_block")`."""
+    return PREFIX + ".".join(path + names)
+
+
+def torch_leaf(leaf: str) -> str:
+    """The torch parameter name of a Flax leaf (`kernel` -> `weight`, ...)."""
+    return _TORCH_LEAF.get(leaf, leaf)
+
+
+def to_torch(leaf: str, value: Any) -> Any:
+    """A Flax leaf in torch layout: kernels `(..., in, out)` become `(out, in, ...)`; others unchanged."""
+    if leaf != "kernel" or value.ndim < 2:
+        return value
+    n = value.ndim
+    return value.transpose((n - 1, n - 2, *range(n - 2)))
+
+
+def from_torch(leaf: str, value: Any) -> Any:
+    """The inverse of `to_torch`: torch `(out, in, ...)` back to the Flax kernel `(..., in, out)`."""
+    if leaf != "kernel" or value.ndim < 2:
+        return value
+    n = value.ndim
+    return value.transpose((*range(2, n), 1, 0))
+
+
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch-layout shape of a Flax leaf of `shape`."""
+    if leaf != "kernel" or len(shape) < 2:
+        return tuple(shape)
+    return (shape[-1], shape[-2], *shape[:-2])
+
+
+def torch_param_key(path: Path) -> str:
+    """A full Flax param path (module path + leaf) -> its torch state-dict key (no PEFT prefix)."""
+    return module_key(path[:-1] + (torch_leaf(path[-1]),))

@@ -1,0 +1,357 @@
+"""Sharded MiSS on a device mesh: partition rules, adapters sharded like their kernels, a sharded step.
+
+Base params are placed by t5x/MaxText-style rules: a sequence of `(regex, PartitionSpec)` pairs,
+matched with `re.search` against each param's '/'-joined path (for example
+`model/layers/0/self_attn/q_proj/kernel`); the first match wins, and a param no rule matches is an
+error (end the rules with `(".*", PartitionSpec())` to replicate whatever is left).
+`llama_rules(strategy)` gives ready rule sets for llama-style models (Llama, Mistral, Gemma).
+
+Adapter params get no rules of their own: each follows its base kernel (shapes as in DESIGN §1), so
+the adapter path of a layer runs where the layer's kernel shard lives:
+  * balance block `(r, out)`: axis 1 sharded like the kernel's `out` axis;
+  * mini block `(r, mini_r)`: axis 1 sharded like the kernel's `out` axis when `mini_r` divides over
+    those mesh axes, else replicated. (Column `j` of the tiled `(r, out)` block is `D[:, j % mini_r]`,
+    so each `out` shard needs every column anyway: XLA gathers the tiny `r x mini_r` block, never a
+    kernel; sharding it when it divides keeps its optimizer state partitioned like everything else.)
+  * bat block `(out // r, r, r)`: axis 0 sharded like the kernel's `out` axis when `out // r` divides
+    over those mesh axes, else replicated (block `a` touches only kernel rows `a*r:(a+1)*r` of `out`);
+  * `modules_to_save` copies and trained biases: exactly like the base params they copy.
+Where the kernel's `out` axis is replicated (e.g. `o_proj` under tensor parallelism, whose `in` axis is
+sharded) the block is replicated. Optimizer state is sharded like the params it tracks.
+
+>>> # mesh = make_mesh((4, 2))                              # axes ("data", "model")
+>>> # rules = llama_rules("tensor_parallel")
+>>> # pm = get_peft_model(model, cfg, params=params, low_cpu_mem_usage=True)
+>>> # shard_peft_model(pm, mesh, rules)                    # adapters created sharded, no gather
+>>> # state = create_sharded_train_state(pm, tx, mesh, rules)
+>>> # step = make_sharded_train_step(pm, tx, causal_lm_loss, mesh, rules, llama_batch_spec("tensor_parallel"))
+>>> # state, loss = step(pm.params, state, shard_batch(batch, mesh, spec), rng)
+
+Meshes must use `AxisType.Auto` axes (GSPMD propagation, what `make_mesh` builds); transformers' Flax
+models do not run under JAX's explicit-sharding mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import linen, train
+from .targeting import Layer
+from .train import TrainState
+
+PyTree = Any
+Path = tuple[str, ...]
+Rules = Sequence[tuple[str, P]]
+AxisEntry = Union[None, str, tuple[str, ...]]
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+STRATEGIES = ("data_parallel", "fsdp", "tensor_parallel")
+
+
+# --------------------------------------------------------------------------- meshes and rule sets
+
+
+def make_mesh(
+    shape: Sequence[int], axis_names: Sequence[str] = (DATA_AXIS, MODEL_AXIS), devices: Optional[Sequence] = None
+) -> Mesh:
+    """A mesh of `shape` (e.g. `(4, 2)`) over `devices` (default: every device of every process), Auto axes."""
+    shape = tuple(int(s) for s in shape)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"Mesh shape {shape} has {len(shape)} axes but {len(axis_names)} names {tuple(axis_names)}.")
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"Mesh shape {shape} needs {math.prod(shape)} devices but {len(devices)} are available; pick a shape "
+            "whose product is the device count (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "simulates N devices)."
+        )
+    return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """Raises if `mesh` has explicit-sharding axes (transformers' Flax models need Auto axes)."""
+    explicit = [n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if t != AxisType.Auto]
+    if explicit:
+        raise ValueError(
+            f"Mesh axes {explicit} are not AxisType.Auto; build the mesh with miss_jax.sharding.make_mesh or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto,) * ndim)."
+        )
+
+
+def llama_rules(strategy: str, data_axis: str = DATA_AXIS, model_axis: str = MODEL_AXIS) -> tuple[tuple[str, P], ...]:
+    """Partition rules for llama-style Flax params (Llama, Mistral, Gemma) on a `(data, model)` mesh.
+
+    * "data_parallel": every param replicated; the batch is split over all devices.
+    * "fsdp": every kernel's `out` axis (and the embedding's hidden axis) sharded over all devices
+      (`(data, model)` together), so adapters and their optimizer state are sharded too; XLA gathers
+      each layer's kernel just in time, as FSDP does.
+    * "tensor_parallel": Megatron-style over `model_axis`: q/k/v/gate/up and lm_head split their `out`
+      axis, o_proj/down_proj their `in` axis, the embedding its vocab axis; the batch is split over `data_axis`.
+    """
+    if strategy == "data_parallel":
+        return ((".*", P()),)
+    if strategy == "fsdp":
+        every = (data_axis, model_axis)
+        return (
+            (r"embed_tokens/embedding$", P(None, every)),
+            (r"kernel$", P(None, every)),
+            (".*", P()),
+        )
+    if strategy == "tensor_parallel":
+        return (
+            (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P(None, model_axis)),
+            (r"(o_proj|down_proj)/kernel$", P(model_axis, None)),
+            (r"embed_tokens/embedding$", P(model_axis, None)),
+            (r"lm_head/kernel$", P(None, model_axis)),
+            (".*", P()),
+        )
+    raise ValueError(f"Unknown sharding strategy {strategy!r}; expected one of {STRATEGIES}.")
+
+
+def llama_batch_spec(strategy: str, data_axis: str = DATA_AXIS, model_axis: str = MODEL_AXIS) -> P:
+    """How `llama_rules(strategy)` splits a `(batch, seq)` batch: over every device, or over `data_axis` (TP)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown sharding strategy {strategy!r}; expected one of {STRATEGIES}.")
+    return P(data_axis) if strategy == "tensor_parallel" else P((data_axis, model_axis))
+
+
+# --------------------------------------------------------------------------- partition specs
+
+
+def path_str(path: Path) -> str:
+    """The '/'-joined form rules match against, e.g. `model/layers/0/mlp/up_proj/kernel`."""
+    return "/".join(str(p) for p in path)
+
+
+def _keys(keypath: tuple) -> Path:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+
+
+def _axis_names(entry: AxisEntry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def axis_size(mesh: Mesh, entry: AxisEntry) -> int:
+    """Number of shards a PartitionSpec entry (None, an axis name or a tuple of names) makes on `mesh`."""
+    return math.prod(mesh.shape[n] for n in _axis_names(entry))
+
+
+def _check_spec(key: str, spec: P, shape: tuple[int, ...], mesh: Mesh) -> None:
+    if len(spec) > len(shape):
+        raise ValueError(f"Partition spec {spec} for {key!r} has more entries than the param's shape {shape}.")
+    for dim, entry in zip(shape, spec):
+        unknown = [n for n in _axis_names(entry) if n not in mesh.shape]
+        if unknown:
+            raise ValueError(f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}.")
+        size = axis_size(mesh, entry)
+        if dim % size:
+            raise ValueError(
+                f"Param {key!r} of shape {shape}: dimension {dim} does not split over mesh axes {entry!r} "
+                f"({size} shards); change the rule for it or the mesh shape."
+            )
+
+
+def spec_for(rules: Rules, path: Path, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of the first rule whose regex `re.search`es `path_str(path)`, checked against `shape`."""
+    key = path_str(path)
+    for pattern, spec in rules:
+        if re.search(pattern, key):
+            _check_spec(key, spec, tuple(shape), mesh)
+            return spec
+    raise ValueError(
+        f"No partition rule matches param {key!r}; add one, or end the rules with ('.*', PartitionSpec()) "
+        "to replicate unmatched params."
+    )
+
+
+def param_specs(params: PyTree, rules: Rules, mesh: Mesh) -> PyTree:
+    """A PartitionSpec for every leaf of the base `params` (same tree structure)."""
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: spec_for(rules, _keys(kp), leaf.shape, mesh), params)
+
+
+def _kernel_spec(layer: Layer, rules: Rules, mesh: Mesh) -> tuple[AxisEntry, AxisEntry]:
+    """The base kernel's spec as `(in_entry, out_entry)`, whatever the kernel's layout."""
+    io = (layer.in_features, layer.out_features)
+    shape = io if layer.layout == "flax" else io[::-1]
+    spec = tuple(spec_for(rules, layer.path + ("kernel",), shape, mesh)) + (None, None)
+    return (spec[0], spec[1]) if layer.layout == "flax" else (spec[1], spec[0])
+
+
+def block_spec(variant: str, layer: Layer, r: int, mini_r: int, rules: Rules, mesh: Mesh) -> P:
+    """The spec of an adapter block on `layer`: follows the kernel's `out` axis (module docstring)."""
+    out = _kernel_spec(layer, rules, mesh)[1]
+    size = axis_size(mesh, out)
+    if variant == "balance":
+        return P(None, out)
+    if variant == "mini":
+        return P(None, out if mini_r % size == 0 else None)
+    if variant == "bat":
+        return P(out if (layer.out_features // r) % size == 0 else None, None, None)
+    raise ValueError(f"Unknown MiSS variant {variant!r}; expected 'balance', 'mini' or 'bat'.")
+
+
+def adapter_specs(peft_model: Any, rules: Rules, mesh: Mesh, tree: Optional[PyTree] = None) -> PyTree:
+    """PartitionSpecs for `tree` (default `peft_model.adapter_params`; `trainable_params()` works too).
+
+    Leaves may be arrays or `jax.ShapeDtypeStruct`s (abstract adapters).
+    """
+    tree = peft_model.adapter_params if tree is None else tree
+    layers = {layer.path: layer for layer in peft_model.layers.values()}
+
+    def one(keypath: tuple, leaf: Any) -> P:
+        path = _keys(keypath)
+        group = path[0]
+        if group == "miss":
+            config = peft_model.peft_config[path[1]]
+            return block_spec(config.variant, layers[path[2:-1]], config.r, config.mini_r, rules, mesh)
+        if group == "modules_to_save":
+            return spec_for(rules, path[2:], leaf.shape, mesh)
+        if group == "bias":
+            return spec_for(rules, path[1:], leaf.shape, mesh)
+        raise ValueError(f"Unknown adapter param group {group!r}; expected 'miss', 'modules_to_save' or 'bias'.")
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def named(mesh: Mesh, specs: PyTree) -> PyTree:
+    """PartitionSpecs -> NamedShardings on `mesh`."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(params: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
+    """NamedShardings of the base params."""
+    return named(mesh, param_specs(params, rules, mesh))
+
+
+def adapter_shardings(peft_model: Any, mesh: Mesh, rules: Rules, tree: Optional[PyTree] = None) -> PyTree:
+    """NamedShardings of `tree` (default: the whole adapter pytree), each following its base kernel."""
+    return named(mesh, adapter_specs(peft_model, rules, mesh, tree))
+
+
+# --------------------------------------------------------------------------- placing a model
+
+
+def init_sharded_params(model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> PyTree:
+    """Random base params of a transformers Flax model (made with `_do_init=False`), created sharded.
+
+    `model.init_weights` runs under `jax.jit(out_shardings=...)`, so no kernel exists whole on one device.
+    """
+    check_mesh(mesh)
+    init = functools.partial(model.init_weights, input_shape=model.input_shape)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    return jax.jit(init, out_shardings=param_shardings(shapes, mesh, rules))(jax.random.PRNGKey(seed))
+
+
+def _is_abstract(tree: PyTree) -> bool:
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> None:
+    """Places every param of `peft_model` on `mesh`, in place.
+
+    Base params go where `rules` say (a no-op for params already placed so, e.g. by `init_sharded_params`).
+    Adapters made with `low_cpu_mem_usage=True` (abstract) are created here directly sharded, by
+    `jax.jit(init, out_shardings=...)` with key `fold_in(PRNGKey(seed), i)` for the i-th adapter;
+    concrete adapters and trained biases are moved to their shardings.
+    """
+    check_mesh(mesh)
+    peft_model.params = jax.device_put(peft_model.params, param_shardings(peft_model.params, mesh, rules))
+    shardings = adapter_shardings(peft_model, mesh, rules)
+    params = peft_model.adapter_params
+    for i, name in enumerate(peft_model.peft_config):
+        saves = name in params["modules_to_save"]
+        own = {"miss": params["miss"][name], "modules_to_save": params["modules_to_save"].get(name, {})}
+        own_sh = {"miss": shardings["miss"][name], "modules_to_save": shardings["modules_to_save"].get(name, {})}
+        if _is_abstract(own):
+            create = functools.partial(linen.init_adapter, peft_model.plan.spec(name))
+            own = jax.jit(create, out_shardings=own_sh)(peft_model.params, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+        else:
+            own = jax.device_put(own, own_sh)
+        params["miss"][name] = own["miss"]
+        if saves:
+            params["modules_to_save"][name] = own["modules_to_save"]
+    params["bias"] = jax.device_put(params["bias"], shardings["bias"])
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, batch_spec: P = P(DATA_AXIS)) -> dict[str, jax.Array]:
+    """Global arrays from this process's part of a batch (the whole batch on one host), split by `batch_spec`."""
+    sharding = NamedSharding(mesh, batch_spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_state_shardings(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+    """NamedShardings of a `TrainState`: the step replicated, the trainables like their kernels, the
+    optimizer state like the params it tracks (its counters replicated)."""
+    trainable = peft_model.trainable_params()
+    trainable_sh = adapter_shardings(peft_model, mesh, rules, trainable)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), trainable_sh, transform_non_params=lambda _: replicated
+    )
+    return TrainState(replicated, trainable_sh, opt_sh)
+
+
+def _new_state(tx: optax.GradientTransformation, trainable: PyTree) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+
+def abstract_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+    """A `TrainState` of `jax.ShapeDtypeStruct`s with shardings on `mesh`: the template that
+    `miss_jax.train.restore_checkpoint` restores onto (any mesh shape)."""
+    shapes = jax.eval_shape(functools.partial(_new_state, tx), peft_model.trainable_params())
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        shapes,
+        train_state_shardings(peft_model, tx, mesh, rules),
+    )
+
+
+def create_sharded_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+    """A fresh `TrainState` for `peft_model.trainable_params()`, optimizer state created sharded."""
+    check_mesh(mesh)
+    shardings = train_state_shardings(peft_model, tx, mesh, rules)
+    return jax.jit(functools.partial(_new_state, tx), out_shardings=shardings)(peft_model.trainable_params())
+
+
+def make_sharded_train_step(
+    peft_model: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: train.LossFn,
+    mesh: Mesh,
+    rules: Rules,
+    batch_spec: P = P(DATA_AXIS),
+    donate: bool = True,
+) -> Callable[[PyTree, TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, jax.Array]]:
+    """`miss_jax.train.make_train_step`'s `step(params, state, batch, rng) -> (state, loss)`, jitted with
+    shardings: params by `rules`, state by `train_state_shardings`, every batch array by `batch_spec`
+    (e.g. `P("data")`: batch axis split over `data`), the rng and loss replicated; `state` is donated.
+
+    Shard the model first (`shard_peft_model`) and the batch with `shard_batch`.
+    """
+    check_mesh(mesh)
+    state_sh = train_state_shardings(peft_model, tx, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    step = train.make_train_step(peft_model, tx, loss_fn, donate=False)
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings(peft_model.params, mesh, rules), state_sh, NamedSharding(mesh, batch_spec), replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(1,) if donate else (),
+    )
