@@ -9,8 +9,9 @@ Steps: build a small random-init Llama (`LlamaConfig`, bytes as tokens: vocab 25
 created directly sharded (`init_sharded_params`: no kernel ever sits whole on one device); add a MiSS
 adapter created sharded like its kernels (`shard_peft_model`); train it with the sharded step
 (`make_sharded_train_step`: params by the strategy's rules, optimizer state like its params, batch split
-over the data axis) on byte windows of a text (default: this repository's README and this file); save an orbax checkpoint of the sharded state; merge the adapter in place (kernels keep their
-shardings) and check the merged model gives the unmerged logits; optionally write the PEFT folder.
+over the data axis) on byte windows of a text (default: this repository's README and this file); save an
+orbax checkpoint of the sharded state; merge the adapter in place (kernels keep their shardings) and check
+the merged model gives the unmerged logits; optionally write the PEFT folder.
 
 Multi-host: start the same command on every host with `--distributed` (calls `jax.distributed.initialize()`,
 which finds the coordinator on TPU pods and SLURM, or reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -141,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         peft_model.print_trainable_parameters()
     q = peft_model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     block = peft_model.adapter_params["miss"]["default"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["miss_block"]
-    say(f"q_proj kernel {q.shape} sharded {q.sharding.spec}; its miss_block {block.shape} sharded {block.sharding.spec}")
+    say(f"q_proj kernel {q.shape} sharded {q.sharding.spec}; "
+        f"its miss_block {block.shape} sharded {block.sharding.spec}")
 
     tokens = read_bytes(args.text or DEFAULT_TEXTS)
     tx = optax.adamw(args.lr)
@@ -165,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     before = {k: v.sharding for k, v in traverse_util.flatten_dict(peft_model.params).items()}
     peft_model.merge_adapter()
     merged = peft_model(**batch).logits
-    kept = all(v.sharding.is_equivalent_to(before[k], v.ndim) for k, v in traverse_util.flatten_dict(peft_model.params).items())
+    after = traverse_util.flatten_dict(peft_model.params)
+    kept = all(v.sharding.is_equivalent_to(before[k], v.ndim) for k, v in after.items())
     diff = float(jax.numpy.abs(merged - unmerged).max())
     say(f"merged in place: every param kept its sharding: {kept}; max |merged - unmerged| logits {diff:.2e}")
     peft_model.unmerge_adapter()

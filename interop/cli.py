@@ -11,9 +11,11 @@ Exit codes: 0 success, 1 `check` found a difference beyond `--atol`, 2 bad usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -28,24 +30,16 @@ _EPILOG = """examples:
 """
 
 
-class UsageError(ValueError):
-    """Bad input the user can fix (exit code 2)."""
-
-
 # --------------------------------------------------------------------------- inspect
 
 
-def _block_kind(key: str) -> Optional[str]:
-    for suffix in (".miss_block", ".bone_block", ".lora_A.weight", ".lora_B.weight"):
-        if key.endswith(suffix):
-            return suffix.strip(".")
-    return None
+_BLOCK_SUFFIXES = (".miss_block", ".bone_block", ".lora_A.weight", ".lora_B.weight")
 
 
 def _under(key: str, names: Sequence[str]) -> bool:
-    """Does the tensor `key` (without the PEFT prefix) belong to one of the `modules_to_save` modules?"""
-    module = key.rsplit(".", 1)[0]
-    return any(module == n or module.endswith("." + n) or ("." + n + ".") in "." + module + "." for n in names)
+    """Does the tensor `key` (without the PEFT prefix) sit inside a module named in `modules_to_save`?"""
+    module = "." + key.rsplit(".", 1)[0] + "."
+    return any(f".{n}." in module for n in names)
 
 
 def _variant(config: dict[str, Any]) -> str:
@@ -79,7 +73,7 @@ def inspect_folder(folder: str) -> list[str]:
             sl = f.get_slice(key)
             shape, dtype, short = tuple(sl.get_shape()), sl.get_dtype(), key.removeprefix(PREFIX)
             group = (
-                "adapter" if _block_kind(key)
+                "adapter" if key.endswith(_BLOCK_SUFFIXES)
                 else "modules_to_save" if _under(short, saved)
                 else "bias" if key.endswith(".bias")
                 else "other"
@@ -89,7 +83,8 @@ def inspect_folder(folder: str) -> list[str]:
     variant = _variant(config)
     lines = [
         f"folder:          {os.path.abspath(folder)}",
-        f"type:            {config['peft_type']}" + (f" (peft {config['peft_version']})" if config.get("peft_version") else ""),
+        f"type:            {config['peft_type']}"
+        + (f" (peft {config['peft_version']})" if config.get("peft_version") else ""),
         f"r:               {config.get('r', '-')}"
         + (f", mini_r: {config.get('mini_r')}" if variant == "mini" else "")
         + (f", lora_alpha: {config.get('lora_alpha')}" if "lora_alpha" in config else ""),
@@ -130,26 +125,32 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
 
     from .torch_ref import load_flax_model
 
-    meta = train.read_checkpoint_metadata(ckpt_dir, step)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{ckpt_dir!r} is not a miss-jax training checkpoint (format {meta.get('format')!r}).")
     with train._manager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step not in mngr.all_steps():
-            raise UsageError(f"{ckpt_dir!r} has no step {step}; it has {sorted(mngr.all_steps())}.")
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        steps = sorted(mngr.all_steps())
+        step = steps[-1] if step is None and steps else step
+        if step not in steps:
+            raise ValueError(f"{ckpt_dir!r} has no checkpoint step {step}; it has {steps}.")
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+    meta, state = restored["meta"], restored["state"]
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_dir!r} is not a miss-jax training checkpoint (no {CHECKPOINT_FORMAT!r} metadata).")
     names = list(meta["adapters"])
     flax_model, params = load_flax_model(base_dir)
-    model = MissModel(flax_model, MissConfig.from_dict(meta["adapters"][names[0]]), names[0], params=params)
+    # shapes only: the trained values come from the checkpoint
+    model = MissModel(
+        flax_model, MissConfig.from_dict(meta["adapters"][names[0]]), names[0], params=params, low_cpu_mem_usage=True
+    )
     for name in names[1:]:
-        model.add_adapter(name, MissConfig.from_dict(meta["adapters"][name]))
+        model.add_adapter(name, MissConfig.from_dict(meta["adapters"][name]), low_cpu_mem_usage=True)
     model.set_adapter(meta["active"])
     expected = model.trainable_params()
     trained = {g: state["trainable"].get(g, {}) for g in expected}
-    want = jax.tree_util.tree_map(np.shape, expected)
-    got = jax.tree_util.tree_map(np.shape, trained)
+    want = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
+    got = jax.tree_util.tree_map(lambda a: tuple(a.shape), trained)
     if want != got:
-        raise UsageError(
+        raise ValueError(
             f"The checkpoint's adapter params do not fit the base model {base_dir!r} (trained on another model?): "
             f"expected shapes {want}, found {got}."
         )
@@ -167,16 +168,16 @@ def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[int] = No
     from .torch_ref import load_flax_model
 
     if not os.path.exists(src):
-        raise UsageError(f"Source {src!r} does not exist.")
+        raise ValueError(f"Source {src!r} does not exist.")
     if os.path.isfile(os.path.join(src, files.CONFIG_NAME)):
         if to == "peft":
-            raise UsageError(f"{src!r} is already a PEFT folder; use --to lora to export it as LoRA.")
+            raise ValueError(f"{src!r} is already a PEFT folder; use --to lora to export it as LoRA.")
         flax_model, params = load_flax_model(base_dir)
         model = MissModel.from_pretrained(flax_model, src, params=params)
     elif _is_checkpoint(src):
         model = model_from_checkpoint(src, base_dir, step)
     else:
-        raise UsageError(
+        raise ValueError(
             f"{src!r} is neither a PEFT adapter folder ({files.CONFIG_NAME}) nor an orbax training checkpoint "
             "(numbered step folders written by miss_jax.train.save_checkpoint)."
         )
@@ -271,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keeps transformers / torch / orbax loading chatter (tiny random models trigger a lot) off the console."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"(transformers|torch|orbax|absl)(\.|$)")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print("\n".join(inspect_folder(args.adapter)))
@@ -278,11 +295,13 @@ def _run(args: argparse.Namespace) -> int:
     from .torch_ref import check, weight_formats
 
     weight_formats(args.base)  # fail fast on a bad --base
-    if args.command == "check":
-        result = check(args.base, args.adapter, args.atol, args.seq_len, args.batch, args.seed, progress=True)
-        print("\n".join(result.lines()))
-        return 0 if result.ok else 1
-    print("\n".join(convert(args.src, args.to, args.base, args.out, args.rank, args.step, args.adapter_name)))
+    with _quiet():
+        if args.command == "check":
+            result = check(args.base, args.adapter, args.atol, args.seq_len, args.batch, args.seed, progress=True)
+            print("\n".join(result.lines()))
+            return 0 if result.ok else 1
+        lines = convert(args.src, args.to, args.base, args.out, args.rank, args.step, args.adapter_name)
+    print("\n".join(lines))
     return 0
 
 

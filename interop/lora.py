@@ -102,10 +102,11 @@ def layer_factors(
     """LoRA factors of one MiSS layer: `lora_A` `(k, in)`, `lora_B` `(out, k)` (float32) and a report.
 
     `spec` is the adapter (its variant); `block` the layer's `miss_block` (balance `(r, out)`, mini
-    `(r, mini_r)`, bat `(out // r, r, r)`); `kernel` the layer's base kernel in `layer.layout` (bat only). `rank=None` means exact
-    (balance/mini: `r`; bat: full rank `min(in, out)`); a larger rank than exact is capped at it.
+    `(r, mini_r)`, bat `(out // r, r, r)`); `kernel` the layer's base kernel in `layer.layout` (bat
+    only). `rank=None` means exact (balance/mini: `r`; bat: full rank `min(in, out)`); a rank above
+    the exact one is capped at it.
     """
-    if rank is not None and (not isinstance(rank, (int, np.integer)) or rank <= 0):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0):
         raise ValueError(f"The LoRA rank must be a positive integer (or None for exact), got {rank!r}.")
     in_f, out_f = layer.in_features, layer.out_features
     if spec.variant == "bat":
@@ -119,17 +120,16 @@ def layer_factors(
         d = effective_block(spec, layer, jnp.asarray(block))
         r = d.shape[0]
         if rank is None or rank >= r:
-            k = r
             a = np.asarray(ops.fold_input(jnp.eye(in_f, dtype=jnp.float32), r)).T  # (r, in): 1 where i % r == j
             b = np.asarray(d, np.float32).T  # (out, r)
-            delta = b @ a
-        else:
-            k = int(rank)
-            delta = np.asarray(ops.balance_delta(d.astype(jnp.float32), in_f, "torch"))
-            a, b = _svd_factors(delta, k)
+            # exact: B @ A is the delta; ||delta||_F^2 = sum_j (#inputs folded onto j) * ||D[j]||^2
+            norm = float(np.sqrt(np.sum(a.sum(axis=1, dtype=np.float64) * np.sum(np.square(b, dtype=np.float64), 0))))
+            return a, b, LayerReport(layer.key, spec.variant, r, 0.0, norm)
+        k = int(rank)
+        delta = np.asarray(ops.balance_delta(d.astype(jnp.float32), in_f, "torch"))
+        a, b = _svd_factors(delta, k)
     err, norm = _rel_error(delta, a, b)
     return a.astype(np.float32), b.astype(np.float32), LayerReport(layer.key, spec.variant, int(k), err, norm)
-
 
 
 def lora_config_dict(peft_model: Any, adapter_name: str, reports: tuple[LayerReport, ...]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from .names import Path
 if TYPE_CHECKING:
     from miss_jax.model import MissModel
 
-LEGACY_PEFT_TYPE = "BONE"  # PEFT < 0.19 called MiSS "Bone"
+LEGACY_PEFT_TYPE = "BONE"  # MiSS's name in PEFT before 0.17 (Bone was removed in 0.19)
 _LEGACY_BIAS = {"bone_only": "MiSS_only", "Bone_only": "MiSS_only"}
 _MAX_LISTED = 12
 
@@ -344,6 +344,7 @@ def _unchanged_on_error(model: "MissModel") -> Iterator[None]:
         "_specs": dict(model._specs),
         "adapter_params": copy(model.adapter_params),
         "active_adapters": list(model.active_adapters),
+        "_rng": model._rng,
     }
     try:
         yield

@@ -41,9 +41,11 @@ def read_config(folder: str) -> dict[str, Any]:
         )
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
+        subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+        hint = f" It has adapter sub-folders {subs}: pass subfolder=<name>." if subs else ""
         raise ValueError(
             f"{folder!r} is not a PEFT adapter folder: it has no {CONFIG_NAME}. Pass the folder that "
-            f"save_pretrained wrote (extra adapters live in sub-folders named after them)."
+            f"save_pretrained wrote (adapters other than 'default' live in sub-folders named after them).{hint}"
         )
     try:
         with open(path, encoding="utf-8") as f:

@@ -15,22 +15,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import numpy as np
 
-TORCH_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TORCH_WEIGHTS = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
 FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
-
-
-def _quiet() -> None:
-    """transformers and peft log and warn a lot on loading tiny/random models; keep errors only."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module=r"(transformers|peft|torch)\..*")
 
 
 def _torch_modules() -> tuple[Any, Any]:
@@ -80,15 +73,20 @@ def architecture(model_dir: str) -> tuple[Any, str]:
 def load_flax_model(model_dir: str) -> tuple[Any, dict]:
     """The folder's model as a transformers Flax model and its params (converted from torch weights if needed).
 
-    Loaded with `_do_init=False` (no random init to compile and throw away): the model holds no
-    params; pass them on, e.g. `MissModel.from_pretrained(model, adapter_dir, params=params)`.
+    Flax weights load with `_do_init=False` (no random init to compile and throw away), so the model
+    holds no params: pass them on, e.g. `MissModel.from_pretrained(model, adapter_dir, params=params)`.
+    (transformers' `from_pt=True` needs an initialised model, so torch weights load with the init.)
     """
     import transformers
 
-    _quiet()
     config, name = architecture(model_dir)
     has_torch, has_flax = weight_formats(model_dir)
-    model, params = getattr(transformers, "Flax" + name).from_pretrained(model_dir, from_pt=not has_flax, _do_init=False)
+    cls = getattr(transformers, "Flax" + name)
+    if has_flax:
+        model, params = cls.from_pretrained(model_dir, _do_init=False)
+    else:
+        model = cls.from_pretrained(model_dir, from_pt=True)
+        params = model.params
     model.config.name_or_path = model.config.name_or_path or model_dir  # as torch's from_pretrained records it
     return model, params
 
@@ -105,7 +103,6 @@ def load_torch_model(model_dir: str, flax_params: Optional[Mapping] = None) -> A
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
     _torch_modules()
-    _quiet()
     config, name = architecture(model_dir)
     has_torch, _ = weight_formats(model_dir)
     cls = getattr(transformers, name)
@@ -117,7 +114,9 @@ def load_torch_model(model_dir: str, flax_params: Optional[Mapping] = None) -> A
     return model.eval()
 
 
-def random_inputs(config: Any, main_input_name: str, batch: int = 2, seq_len: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(
+    config: Any, main_input_name: str, batch: int = 2, seq_len: int = 8, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random model inputs built from the config (numpy; the same arrays feed both frameworks).
 
     Vision models get `pixel_values` `(batch, channels, size, size)` float32; text models `input_ids`
@@ -126,6 +125,11 @@ def random_inputs(config: Any, main_input_name: str, batch: int = 2, seq_len: in
     """
     if batch <= 0 or seq_len <= 0:
         raise ValueError(f"--batch and --seq-len must be positive, got {batch} and {seq_len}.")
+    if main_input_name not in ("input_ids", "pixel_values"):
+        raise ValueError(
+            f"check builds `input_ids` (text) or `pixel_values` (vision) inputs; this model's main input is "
+            f"{main_input_name!r}, which it does not support."
+        )
     rng = np.random.default_rng(seed)
     if main_input_name == "pixel_values":
         size = config.image_size
@@ -187,8 +191,9 @@ def torch_adapter_model(torch_model: Any, adapter_dir: str, jax_model: Any) -> t
     from .lora import save_lora
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_lora(jax_model, tmp, jax_model.active_adapter)
-        return peft.PeftModel.from_pretrained(torch_model, tmp).eval(), "peft-lora"
+        folder = os.path.join(tmp, "lora")
+        save_lora(jax_model, folder, jax_model.active_adapter)
+        return peft.PeftModel.from_pretrained(torch_model, folder).eval(), "peft-lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +207,7 @@ class CheckResult:
 
     @property
     def max_diff(self) -> float:
-        return max(self.diffs.values())
+        return float(np.max(list(self.diffs.values())))  # NaN propagates: a NaN output never passes
 
     @property
     def ok(self) -> bool:
@@ -262,6 +267,5 @@ def check(
     diffs = max_abs_diffs(torch_outputs(torch_model, inputs), jax_out)
     stage("done")
     bar.close()
-    result = CheckResult(diffs, atol, route, adapter_is_zero(jax_model))
-    return result
+    return CheckResult(diffs, atol, route, adapter_is_zero(jax_model))
 

@@ -230,20 +230,43 @@ class MissModel:
         return linen.overlay(plan, self.params, self.adapter_params)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+        return_params: bool = False,
     ) -> Any:
         """Merges the adapters and returns the base model (a plain Flax model) with the merged params.
 
-        `modules_to_save` copies of the active adapter and trained biases replace the base ones.
+        `modules_to_save` copies of the active adapter and trained biases replace the base ones. With
+        `return_params=True` it returns `(model, params)` and leaves `model.params` alone: the form for
+        models made with `_do_init=False` (e.g. sharded ones), whose params live outside the model.
         """
         del progressbar  # one fused jit pass; nothing to report per layer
+        if not return_params:
+            self._check_settable()
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self.unload()
+        return self.unload(return_params=return_params)
 
-    def unload(self) -> Any:
-        """Returns the base model with its current params (merged adapters stay merged, as in PEFT)."""
-        self.base_model.params = self._unloaded_params()
+    def unload(self, return_params: bool = False) -> Any:
+        """Returns the base model with its current params (merged adapters stay merged, as in PEFT).
+
+        `return_params=True` returns `(model, params)` instead of setting `model.params`.
+        """
+        params = self._unloaded_params()
+        if return_params:
+            return self.base_model, params
+        self._check_settable()
+        self.base_model.params = params
         return self.base_model
+
+    def _check_settable(self) -> None:
+        if getattr(self.base_model, "_is_initialized", True) is False:
+            raise ValueError(
+                f"This {type(self.base_model).__name__} was made with _do_init=False, so its params live outside "
+                "the model: call merge_and_unload(return_params=True) / unload(return_params=True) to get "
+                "(model, params)."
+            )
 
     # ------------------------------------------------------------------ parameters
 

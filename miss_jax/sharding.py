@@ -156,7 +156,9 @@ def _check_spec(key: str, spec: P, shape: tuple[int, ...], mesh: Mesh) -> None:
     for dim, entry in zip(shape, spec):
         unknown = [n for n in _axis_names(entry) if n not in mesh.shape]
         if unknown:
-            raise ValueError(f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}.")
+            raise ValueError(
+                f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}."
+            )
         size = axis_size(mesh, entry)
         if dim % size:
             raise ValueError(
@@ -278,7 +280,8 @@ def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -
         own_sh = {"miss": shardings["miss"][name], "modules_to_save": shardings["modules_to_save"].get(name, {})}
         if _is_abstract(own):
             create = functools.partial(linen.init_adapter, peft_model.plan.spec(name))
-            own = jax.jit(create, out_shardings=own_sh)(peft_model.params, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            own = jax.jit(create, out_shardings=own_sh)(peft_model.params, key)
         else:
             own = jax.device_put(own, own_sh)
         params["miss"][name] = own["miss"]
@@ -323,7 +326,9 @@ def abstract_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh
     )
 
 
-def create_sharded_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+def create_sharded_train_state(
+    peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+) -> TrainState:
     """A fresh `TrainState` for `peft_model.trainable_params()`, optimizer state created sharded."""
     check_mesh(mesh)
     shardings = train_state_shardings(peft_model, tx, mesh, rules)
@@ -349,9 +354,10 @@ def make_sharded_train_step(
     state_sh = train_state_shardings(peft_model, tx, mesh, rules)
     replicated = NamedSharding(mesh, P())
     step = train.make_train_step(peft_model, tx, loss_fn, donate=False)
+    params_sh = param_shardings(peft_model.params, mesh, rules)
     return jax.jit(
         step,
-        in_shardings=(param_shardings(peft_model.params, mesh, rules), state_sh, NamedSharding(mesh, batch_spec), replicated),
+        in_shardings=(params_sh, state_sh, NamedSharding(mesh, batch_spec), replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(1,) if donate else (),
     )

@@ -30,7 +30,8 @@ def torch_twin(arch: str, params: Optional[Mapping] = None) -> torch.nn.Module:
     """A fresh torch model of `arch` (eval mode) with `params` (default: `tm.flax_model(arch).params`)."""
     model = tm.torch_class(arch)(tm.config(arch))
     params = tm.flax_model(arch).params if params is None else params
-    return load_flax_weights_in_pytorch_model(model, jax.device_get(params)).eval()
+    writable = jax.tree_util.tree_map(np.array, params)  # torch.from_numpy wants writable arrays
+    return load_flax_weights_in_pytorch_model(model, writable).eval()
 
 
 def torch_inputs(arch: str) -> dict[str, torch.Tensor]:

@@ -75,7 +75,7 @@ def test_factors_agree_with_peft_convert_to_lora(llama, name, rank, tmp_path):
     _, peft_sd = peft.convert_to_lora(torch_miss, rank=rank or LLAMA_ADAPTERS[name].r)
     merged, base = torch_miss.merge_and_unload(), torch_twin("llama")
     ours, _, report = lora_state_dict(llama, name, rank)
-    errors = {rep.key: rep.rel_error for rep in report.layers}
+    reported = {rep.key: rep for rep in report.layers}
     for layer in llama._specs[name].layers:
         key = f"base_model.model.{layer.key}"
         a, b = ours[f"{key}.lora_A.weight"], ours[f"{key}.lora_B.weight"]
@@ -84,7 +84,8 @@ def test_factors_agree_with_peft_convert_to_lora(llama, name, rank, tmp_path):
         np.testing.assert_allclose(b @ a, pb @ pa, atol=1e-5)
         delta = (merged.get_submodule(layer.key).weight - base.get_submodule(layer.key).weight).detach().numpy()
         peft_error = np.linalg.norm(delta - pb @ pa) / np.linalg.norm(delta)
-        assert errors[layer.key] == pytest.approx(peft_error, rel=1e-3, abs=1e-5)
+        assert reported[layer.key].rel_error == pytest.approx(peft_error, rel=1e-3, abs=1e-5)
+        assert reported[layer.key].delta_norm == pytest.approx(np.linalg.norm(delta), rel=1e-4)
     if name == "bat":
         assert report.rel_error > 1e-3  # rank 8 of a rank-32 update is an approximation, and says so
 

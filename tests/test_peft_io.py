@@ -98,6 +98,8 @@ def test_selected_adapters_and_dtype(llama):
     assert os.listdir(root / "only_mini") == ["mini"]
     with safe_open(str(root / "only_mini" / "mini" / "adapter_model.safetensors"), "flax") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match=r"adapter sub-folders \['mini'\]: pass subfolder="):
+        MissModel.from_pretrained(tm.flax_model("llama"), str(root / "only_mini"))
     with pytest.raises(ValueError, match="selected_adapters"):
         model.save_pretrained(str(root / "bad"), selected_adapters=["nope"])
     assert not (root / "bad").exists()

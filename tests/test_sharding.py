@@ -194,7 +194,8 @@ def test_adapters_are_created_sharded_like_their_kernels(variant):
 
 def test_random_balance_init_is_created_sharded_with_the_eager_values():
     pm, mesh, rules = _sharded_model("balance", (4, 2), TP, init=False)
-    eager = linen.init_adapter(pm.plan.spec("default"), tm.flax_model("llama").params, jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # shard_peft_model's key for the first adapter
+    eager = linen.init_adapter(pm.plan.spec("default"), tm.flax_model("llama").params, key)
     _assert_close(pm.adapter_params["miss"]["default"], eager["miss"], atol=0)
     q = pm.adapter_params["miss"]["default"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["miss_block"]
     assert _same_sharding(q, NamedSharding(mesh, P(None, "model")))
@@ -274,7 +275,7 @@ def _base_hlo(shape) -> str:
 
 
 def test_kernel_gather_counter_sees_a_gathered_kernel():
-    mesh, rules = _mesh((2, 4)), S.llama_rules(TP)
+    mesh = _mesh((2, 4))
     params = tm.flax_model("llama").params
     q = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     q = jax.device_put(q, NamedSharding(mesh, P(None, "model")))
