@@ -3,13 +3,13 @@
     python examples/causal_lm_generate.py
 
 A small Llama-architecture model (random weights from a `LlamaConfig`, written as a PyTorch
-transformers folder that both frameworks load) gets a word-level vocabulary
-built from `examples/data/fables.txt` (CC0-1.0, written for this project). MiSS blocks on
-`q_proj`/`v_proj` and a trained copy of `lm_head` (`modules_to_save`) learn that text in a few steps, the adapter is saved as a PEFT folder,
-and greedy decoding runs twice from the same prompt: in JAX (the adapted model, its jitted forward
-on the whole fixed-width sequence at each step) and in PyTorch (`transformers.LlamaForCausalLM` from
-the same base weights + `peft.PeftModel.from_pretrained` + `generate`). Both token lists are printed
-and compared.
+transformers folder that both frameworks load) gets a word-level vocabulary built from
+`examples/data/fables.txt` (CC0-1.0, written for this project). MiSS blocks on `q_proj`/`v_proj` and
+a trained copy of `lm_head` (`modules_to_save`) learn that text in a few steps, the adapter is saved
+as a PEFT folder, and greedy decoding runs twice from the same prompt: in JAX (the adapted model, its
+jitted forward on the whole fixed-width sequence at each step) and in PyTorch
+(`transformers.LlamaForCausalLM` from the same base weights + `peft.PeftModel.from_pretrained` +
+`generate`). Both token lists are printed and compared.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class WordVocab:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--text-file", default=DEFAULT_TEXT, help="training text (paragraphs separated by blank lines)")
     p.add_argument("--prompt", default="The baker on the corner", help="decoding starts here (words of the text)")
     p.add_argument("--new-tokens", type=int, default=24)

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -22,12 +23,20 @@ import numpy as np
 
 CHECKPOINT_FORMAT = "miss-jax-train-state/1"
 
-_EPILOG = """examples:
-  miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4
-  miss-jax convert ./ckpts --to peft --base ./llama-tiny --out ./my-adapter
-  miss-jax convert ./my-adapter --to lora --base ./llama-tiny --out ./my-lora --rank 16
-  miss-jax inspect ./my-adapter
-"""
+_EXAMPLES = {
+    "check": ["miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4"],
+    "convert": [
+        "miss-jax convert ./ckpts --to peft --base ./llama-tiny --out ./my-adapter",
+        "miss-jax convert ./my-adapter --to lora --base ./llama-tiny --out ./my-lora --rank 16",
+    ],
+    "inspect": ["miss-jax inspect ./my-adapter"],
+}
+_EXIT_CODES = "exit codes: 0 success, 1 check beyond --atol, 2 bad usage or input (reason on stderr)"
+
+
+def _epilog(*commands: str) -> str:
+    lines = [line for c in commands for line in _EXAMPLES[c]]
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines) + "\n" + _EXIT_CODES
 
 
 # --------------------------------------------------------------------------- inspect
@@ -213,62 +222,64 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+_CHECK = """\
+Load the base model and the adapter in JAX (miss_jax.MissModel.from_pretrained) and in
+PyTorch (peft.PeftModel.from_pretrained), run the same random inputs through both (input_ids
+for text models, pixel_values for vision models, plus decoder_input_ids for encoder-decoders)
+and print the largest absolute difference per output. GPT-2 style Conv1D layers, which PEFT's
+MiSS cannot load, are checked through the adapter's exact LoRA export (PEFT's LoRA loads them).
+"""
+_CONVERT = """\
+Convert SRC, an orbax training checkpoint (miss_jax.train.save_checkpoint) or a PEFT MiSS
+folder, into a PEFT MiSS folder (--to peft; from checkpoints) or a PEFT LoRA folder (--to lora;
+what vLLM and other LoRA-only servers load). balance/mini adapters convert to LoRA exactly at
+rank r; bat adapters through an SVD of their weight update at --rank (default: full rank,
+exact), and the relative approximation error (Frobenius) is printed.
+"""
+_INSPECT = """\
+Print the type (MISS, BONE, LORA, ...), variant, rank, targets, tensor shapes and parameter
+counts of a PEFT adapter folder. Only the config and the safetensors header are read: no model.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `miss-jax` and its three sub-commands."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="miss-jax",
         description="MiSS adapters for JAX/Flax: check against PEFT on PyTorch, convert, inspect.",
-        epilog=_EPILOG + "\nexit codes: 0 success, 1 check beyond tolerance, 2 bad usage or input",
+        epilog=_epilog(*_EXAMPLES),
         formatter_class=fmt,
     )
     sub = parser.add_subparsers(dest="command", metavar="{check,convert,inspect}", required=True)
 
-    p = sub.add_parser(
-        "check",
-        help="compare an adapter on JAX against PEFT on PyTorch",
-        description="Load the base model and the adapter in JAX (miss_jax.MissModel) and in PyTorch "
-        "(peft.PeftModel), run the same random inputs through both and print the largest absolute difference per "
-        "output. Exit 0 within --atol, 1 beyond it. GPT-2 style Conv1D layers, which PEFT's MiSS cannot load, are "
-        "checked through the adapter's exact LoRA export.",
-        formatter_class=fmt,
-    )
+    p = sub.add_parser("check", help="compare an adapter on JAX against PEFT on PyTorch", description=_CHECK,
+                       epilog=_epilog("check"), formatter_class=fmt)
     p.add_argument("--base", required=True, metavar="MODEL_DIR",
                    help="transformers save_pretrained folder (torch and/or Flax weights)")
-    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT MiSS adapter folder")
-    p.add_argument("--atol", type=_nonnegative_float, default=1e-4, help="largest allowed difference (default 1e-4)")
+    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT MiSS (or BONE) adapter folder")
+    p.add_argument("--atol", type=_nonnegative_float, default=1e-4,
+                   help="largest allowed absolute difference (default 1e-4)")
     p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens per sequence for text models (default 8)")
     p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
-    p = sub.add_parser(
-        "convert",
-        help="orbax training checkpoint -> PEFT folder; checkpoint or PEFT folder -> LoRA folder",
-        description="Convert SRC, an orbax training checkpoint (miss_jax.train.save_checkpoint) or a PEFT MiSS "
-        "folder, to a PEFT MiSS folder (--to peft, checkpoints only) or to a PEFT LoRA folder (--to lora). "
-        "balance/mini adapters convert exactly at rank r; bat adapters through an SVD of their weight update at "
-        "--rank (default: full rank, exact), and the relative approximation error is printed.",
-        formatter_class=fmt,
-    )
+    p = sub.add_parser("convert", help="checkpoint -> PEFT folder; checkpoint or PEFT folder -> LoRA folder",
+                       description=_CONVERT, epilog=_epilog("convert"), formatter_class=fmt)
     p.add_argument("src", metavar="SRC", help="orbax checkpoint folder or PEFT MiSS adapter folder")
     p.add_argument("--to", required=True, choices=("peft", "lora"), help="output format")
     p.add_argument("--base", required=True, metavar="MODEL_DIR",
                    help="the base model's transformers folder (needed to rebuild the model)")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to write")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to write (replaced atomically)")
     p.add_argument("--rank", type=_positive_int, default=None,
-                   help="LoRA rank (--to lora): bat default full rank; below r, balance/mini are SVD-truncated")
+                   help="LoRA rank (--to lora): bat defaults to full rank; balance/mini below r are SVD-truncated")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to convert (default: the latest)")
     p.add_argument("--adapter-name", default=None,
                    help="adapter to write (default: the active ones for peft, the first active one for lora)")
 
-    p = sub.add_parser(
-        "inspect",
-        help="describe an adapter folder (no model needed)",
-        description="Print the type (MISS, BONE, LORA, ...), variant, targets, tensor shapes and parameter counts "
-        "of a PEFT adapter folder. No model is loaded.",
-        formatter_class=fmt,
-    )
-    p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter folder")
+    p = sub.add_parser("inspect", help="describe an adapter folder (no model needed)", description=_INSPECT,
+                       epilog=_epilog("inspect"), formatter_class=fmt)
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter folder (MiSS, BONE, LoRA, ...)")
     return parser
 
 
@@ -314,9 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:  # bad input: the message says what and how to fix it
         print(f"miss-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # anything else is a failure too, never a silent exit 1 ("beyond tolerance")
+        traceback.print_exc()
+        print(f"miss-jax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

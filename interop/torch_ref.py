@@ -180,20 +180,28 @@ def needs_lora_route(jax_model: Any) -> bool:
 
 
 def torch_adapter_model(torch_model: Any, adapter_dir: str, jax_model: Any) -> tuple[Any, str]:
-    """The torch model with the adapter loaded by PEFT, and the route taken ('peft-miss' or 'peft-lora').
+    """The torch model with the adapter loaded by PEFT, and the route taken to get it there.
 
-    'peft-lora' (Conv1D layers): the JAX adapter's exact LoRA export (full rank for bat) is written to a
-    temporary folder and loaded with PEFT's LoRA, which supports Conv1D.
+    * 'peft-miss': PEFT loads the MiSS folder itself;
+    * 'peft-miss (BONE re-saved as MISS)': PEFT 0.21 no longer reads Bone folders, so it loads the
+      MiSS folder the JAX model writes (PEFT's own Bone -> MiSS conversion rule);
+    * 'peft-lora' (Conv1D layers, which PEFT's MiSS cannot wrap): PEFT's LoRA loads the JAX
+      adapter's exact LoRA export (full rank for bat).
     """
-    _, peft = _torch_modules()
-    if not needs_lora_route(jax_model):
-        return peft.PeftModel.from_pretrained(torch_model, adapter_dir).eval(), "peft-miss"
     from .lora import save_lora
+    from .safetensors_io import read_config
 
+    _, peft = _torch_modules()
+    if needs_lora_route(jax_model):
+        route, write = "peft-lora", lambda folder: save_lora(jax_model, folder, jax_model.active_adapter)
+    elif read_config(adapter_dir)["peft_type"] != "MISS":
+        route, write = "peft-miss (BONE re-saved as MISS)", jax_model.save_pretrained
+    else:
+        return peft.PeftModel.from_pretrained(torch_model, adapter_dir).eval(), "peft-miss"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "lora")
-        save_lora(jax_model, folder, jax_model.active_adapter)
-        return peft.PeftModel.from_pretrained(torch_model, folder).eval(), "peft-lora"
+        folder = os.path.join(tmp, "adapter")
+        write(folder)
+        return peft.PeftModel.from_pretrained(torch_model, folder).eval(), route
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ mapping under test is checked against transformers', not against itself).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -30,8 +31,9 @@ def torch_twin(arch: str, params: Optional[Mapping] = None) -> torch.nn.Module:
     """A fresh torch model of `arch` (eval mode) with `params` (default: `tm.flax_model(arch).params`)."""
     model = tm.torch_class(arch)(tm.config(arch))
     params = tm.flax_model(arch).params if params is None else params
-    writable = jax.tree_util.tree_map(np.array, params)  # torch.from_numpy wants writable arrays
-    return load_flax_weights_in_pytorch_model(model, writable).eval()
+    with warnings.catch_warnings():  # transformers hands torch.from_numpy read-only arrays (it copies them)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return load_flax_weights_in_pytorch_model(model, jax.device_get(params)).eval()
 
 
 def torch_inputs(arch: str) -> dict[str, torch.Tensor]:

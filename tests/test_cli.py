@@ -34,7 +34,8 @@ def folders(tmp_path_factory):
     tm.flax_model("llama").save_pretrained(str(root / "llama"))
     torch_twin("gpt2").save_pretrained(str(root / "gpt2"))  # model.safetensors: Flax loads it with from_pt
 
-    llama = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    config = MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"])
+    llama = get_peft_model(tm.flax_model("llama"), config)
     llama.add_adapter("bat", MissConfig(r=8, init_weights="bat", target_modules=["o_proj"]))
     llama.set_adapter(["default", "bat"])
     perturb_trainables(llama, 0)
@@ -45,7 +46,8 @@ def folders(tmp_path_factory):
 
     gpt2 = get_peft_model(tm.flax_model("gpt2"), MissConfig(r=4, init_weights="bat"))
     perturb_trainables(gpt2, 1)
-    gpt2.save_pretrained(str(root / "gpt2-miss"))
+    with pytest.warns(UserWarning, match="PEFT's MiSS supports only torch.nn.Linear"):
+        gpt2.save_pretrained(str(root / "gpt2-miss"))
     return root
 
 
@@ -70,9 +72,9 @@ def test_installed_script_help():
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("check", ["--base", "--adapter", "--atol", "--seq-len", "--batch", "--seed"]),
-        ("convert", ["--to", "--base", "--out", "--rank", "--step", "--adapter-name", "{peft,lora}"]),
-        ("inspect", ["ADAPTER_DIR", "No model is loaded"]),
+        ("check", ["--base", "--adapter", "--atol", "--seq-len", "--batch", "--seed", "exit codes"]),
+        ("convert", ["--to", "--base", "--out", "--rank", "--step", "--adapter-name", "{peft,lora}", "examples"]),
+        ("inspect", ["ADAPTER_DIR", "safetensors header", "exit codes"]),
     ],
 )
 def test_help_of_each_command(capsys, command, options):
@@ -123,7 +125,8 @@ def test_check_fails_beyond_tolerance(capsys, folders, tmp_path):
 
 def test_convert_checkpoint_to_peft_equals_direct_save(capsys, folders, tmp_path):
     out_dir = tmp_path / "peft"
-    code, out, err = run(capsys, "convert", folders / "ckpt", "--to", "peft", "--base", folders / "llama", "--out", out_dir)
+    code, out, err = run(capsys, "convert", folders / "ckpt", "--to", "peft", "--base", folders / "llama",
+                         "--out", out_dir)
     assert code == 0, err
     for sub in ("", "bat"):
         ref = load_file(str(folders / "llama-ref" / sub / "adapter_model.safetensors"))
@@ -140,7 +143,8 @@ def test_convert_to_lora_from_checkpoint_and_from_peft(capsys, folders, tmp_path
     assert code == 0, err
     error = float(re.search(r"relative Frobenius error (\S+)", out).group(1))
     assert error > 0  # rank 4 of a rank-32 bat update is an approximation and says so
-    assert file_keys(str(tmp_path / "bat-lora"))["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"] == (4, 32)
+    shapes = file_keys(str(tmp_path / "bat-lora"))
+    assert shapes["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"] == (4, 32)
 
     code, out, err = run(capsys, "convert", folders / "llama-miss", "--to", "lora", "--base", folders / "llama",
                          "--out", tmp_path / "lora")
@@ -173,10 +177,14 @@ def test_inspect_miss_and_bone_folders(capsys, folders):
         (["check", "--base", "{root}/llama", "--adapter", "{root}/llama"], "no adapter_config.json"),
         (["check", "--base", "{root}/llama", "--adapter", "{root}/llama-miss", "--seq-len", "999"], "exceeds"),
         (["check", "--base", "{root}/llama", "--adapter", "{root}/llama-miss", "--atol", "-1"], "non-negative"),
-        (["convert", "{root}/llama-miss", "--to", "peft", "--base", "{root}/llama", "--out", "{root}/x"], "already a PEFT"),
+        (["convert", "{root}/llama-miss", "--to", "peft", "--base", "{root}/llama", "--out", "{root}/x"],
+         "already a PEFT"),
         (["convert", "{root}/llama", "--to", "lora", "--base", "{root}/llama", "--out", "{root}/x"], "neither"),
         (["convert", "{root}/ckpt", "--to", "peft", "--base", "{root}/gpt2", "--out", "{root}/x"], "not found"),
-        (["convert", "{root}/llama-miss", "--to", "onnx", "--base", "{root}/llama", "--out", "{root}/x"], "invalid choice"),
+        (["convert", "{root}/ckpt", "--to", "peft", "--base", "{root}/llama", "--out", "{root}/x", "--step", "7"],
+         "no checkpoint step 7"),
+        (["convert", "{root}/llama-miss", "--to", "onnx", "--base", "{root}/llama", "--out", "{root}/x"],
+         "invalid choice"),
         ([], "required"),
     ],
 )

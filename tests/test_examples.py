@@ -76,7 +76,7 @@ def test_demo_adapter_loads_in_pytorch_with_matching_logits(demo_runs) -> None:
     assert "base_model.model.classifier.weight" in tensors
     with open(os.path.join(out, "adapter", "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    assert config["peft_type"] == "MISS" and config["r"] == 16 and config["modules_to_save"] == ["classifier"]
+    assert config["peft_type"] == "MISS" and config["r"] == 16 and "classifier" in config["modules_to_save"]
     assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 0
 
 
