@@ -13,10 +13,12 @@ import sys
 import numpy as np
 import optax
 import pytest
+import transformers
 from safetensors.numpy import load_file, save_file
 
 import tiny_models as tm
 from interop.cli import main
+from interop.torch_ref import random_inputs
 from interop_helpers import ATOL, file_keys, perturb_trainables, torch_twin
 from miss_jax import MissConfig, get_peft_model, train
 
@@ -25,13 +27,14 @@ DIFF = re.compile(r"max \|jax - torch\| = (\S+)")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Base model folders (llama: Flax weights only; gpt2: torch weights only) and trained-looking adapters.
+    """Base model folders (llama, bert: Flax weights only; gpt2: torch weights only) and trained-looking adapters.
 
     Also an orbax training checkpoint of a llama model with a balance and a bat adapter, and the PEFT
     folder the same model writes directly.
     """
     root = tmp_path_factory.mktemp("cli")
     tm.flax_model("llama").save_pretrained(str(root / "llama"))
+    tm.flax_model("bert").save_pretrained(str(root / "bert"))
     torch_twin("gpt2").save_pretrained(str(root / "gpt2"))  # model.safetensors: Flax loads it with from_pt
 
     config = MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"])
@@ -97,6 +100,28 @@ def test_check_gpt2_conv1d_through_lora(capsys, folders):
     code, out, err = run(capsys, "check", "--base", folders / "gpt2", "--adapter", folders / "gpt2-miss")
     assert code == 0, out + err
     assert "peft-lora" in out and max(diffs(out)) <= ATOL
+
+
+def test_check_bone_folder(capsys, folders):
+    """A Bone folder (PEFT < 0.17): miss-jax reads it; PEFT 0.21 loads its MiSS re-save."""
+    bone = os.path.join(os.path.dirname(__file__), "data", "bone_bert")
+    code, out, err = run(capsys, "check", "--base", folders / "bert", "--adapter", bone)
+    assert code == 0, out + err
+    assert "BONE re-saved as MISS" in out and max(diffs(out)) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["vit", "t5", "gpt2"])
+def test_random_inputs_follow_the_model_config(arch):
+    """pixel_values for vision models, decoder ids for encoder-decoders, ids within the vocabulary."""
+    config = tm.config(arch)
+    main_input = getattr(transformers, "Flax" + tm.torch_class(arch).__name__).main_input_name
+    inputs = random_inputs(config, main_input, batch=3, seq_len=5, seed=2)
+    if arch == "vit":
+        assert inputs["pixel_values"].shape == (3, config.num_channels, config.image_size, config.image_size)
+        return
+    assert inputs["input_ids"].shape == (3, 5) and inputs["input_ids"].max() < config.vocab_size
+    assert ("decoder_input_ids" in inputs) == (arch == "t5")
+    np.testing.assert_array_equal(inputs["input_ids"], random_inputs(config, main_input, 3, 5, seed=2)["input_ids"])
 
 
 def test_check_fails_beyond_tolerance(capsys, folders, tmp_path):
