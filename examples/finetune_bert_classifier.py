@@ -388,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
     config = MissConfig(
         r=args.r,
-        mini_r=args.mini_r,
+        mini_r=args.mini_r if args.variant == "mini" else 1,  # 1: PEFT's default, unused by balance/bat
         init_weights=VARIANTS[args.variant],
         target_modules=args.targets,
         modules_to_save=["classifier"],

@@ -183,7 +183,8 @@ def lora_state_dict(
     reports = []
     for layer in tqdm(spec.layers, desc=f"LoRA export ({spec.variant})", disable=not progress, leave=False):
         kernel = _get(peft_model.params, layer.path)["kernel"] if spec.variant == "bat" else None
-        a, b, report = layer_factors(spec, layer, block_of(peft_model.adapter_params, adapter_name, layer), kernel, rank)
+        block = block_of(peft_model.adapter_params, adapter_name, layer)
+        a, b, report = layer_factors(spec, layer, block, kernel, rank)
         del tensors[names.adapter_key(layer.path, names.BLOCK)]
         tensors[names.adapter_key(layer.path, "lora_A", "weight")] = a
         tensors[names.adapter_key(layer.path, "lora_B", "weight")] = b
@@ -212,5 +213,5 @@ def save_lora(
         files.write_config(folder, config)
         files.write_tensors(folder, {k: jnp.asarray(v) for k, v in tensors.items()})
 
-    peft_io._replace_folder(save_directory, write)
+    peft_io.replace_folder(save_directory, write)
     return report

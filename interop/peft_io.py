@@ -210,12 +210,13 @@ def _warn_unloadable_in_torch(model: "MissModel", adapter_name: str) -> None:
         warnings.warn(
             f"Adapter {adapter_name!r} sits on {others[0].type_name} layers ({_listed([o.key for o in others])}); "
             "PEFT's MiSS supports only torch.nn.Linear, so PyTorch PEFT cannot load this folder (miss-jax can). "
-            "For PyTorch, export merged weights: merge_and_unload().",
+            "For PyTorch, export merged weights (merge_and_unload()) or a LoRA folder (save_pretrained(..., "
+            "as_lora=True)), which PEFT loads on Conv1D.",
             stacklevel=3,
         )
 
 
-def _replace_folder(target: str, write: Callable[[str], None]) -> None:
+def replace_folder(target: str, write: Callable[[str], None]) -> None:
     """Runs `write(tmp)` on a fresh folder beside `target`, then renames it to `target`.
 
     An existing `target` is swapped out whole; entries of it that this save does not rewrite (other
@@ -254,7 +255,9 @@ def save_pretrained(
     safe_serialization: bool = True,
     is_main_process: bool = True,
     dtype: Optional[Any] = jnp.float32,
-) -> None:
+    as_lora: bool = False,
+    lora_rank: Optional[int] = None,
+) -> Optional[dict[str, Any]]:
     """Writes adapters as PEFT folders: `default` at the root, the others in sub-folders named after them.
 
     Args:
@@ -265,6 +268,12 @@ def save_pretrained(
       safe_serialization: must be True (safetensors; miss-jax never writes pickles).
       is_main_process: write only if True (pass `jax.process_index() == 0` on multi-host runs).
       dtype: tensor dtype in the file (default float32, as PEFT); None keeps each tensor's dtype.
+      as_lora: write PEFT LoRA folders instead (for vLLM and other LoRA-only servers): exact for
+        balance/mini at rank r, a truncated SVD for bat (see `interop.lora`).
+      lora_rank: with `as_lora`, the LoRA rank (default: exact, r for balance/mini, full for bat).
+
+    Returns:
+      None, or with `as_lora` the `LoraReport` of each adapter (rank and relative error per layer).
     """
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file.")
@@ -276,12 +285,21 @@ def save_pretrained(
         raise ValueError(
             f"You passed an invalid `selected_adapters` argument {selected}; this model has {list(model.peft_config)}."
         )
-    tensors = {n: get_peft_model_state_dict(model, n, dtype) for n in selected}  # validates before any write
-    configs = {n: adapter_config_dict(model, n) for n in selected}
-    for n in selected:
-        _warn_unloadable_in_torch(model, n)
+    reports = None
+    if as_lora:
+        from .lora import lora_state_dict
+
+        exported = {n: lora_state_dict(model, n, lora_rank) for n in selected}
+        tensors = {n: {k: jnp.asarray(v) for k, v in e[0].items()} for n, e in exported.items()}
+        configs = {n: e[1] for n, e in exported.items()}
+        reports = {n: e[2] for n, e in exported.items()}
+    else:
+        tensors = {n: get_peft_model_state_dict(model, n, dtype) for n in selected}  # validates before any write
+        configs = {n: adapter_config_dict(model, n) for n in selected}
+        for n in selected:
+            _warn_unloadable_in_torch(model, n)
     if not is_main_process:
-        return
+        return reports
 
     def write(root: str) -> None:
         for n in selected:
@@ -290,7 +308,8 @@ def save_pretrained(
             files.write_config(folder, configs[n])
             files.write_tensors(folder, tensors[n])
 
-    _replace_folder(save_directory, write)
+    replace_folder(save_directory, write)
+    return reports
 
 
 # --------------------------------------------------------------------------- loading

@@ -29,7 +29,11 @@ def write_config(folder: str, config: Mapping[str, Any]) -> None:
 
 def write_tensors(folder: str, tensors: Mapping[str, jax.Array]) -> None:
     """Writes `adapter_model.safetensors` with PEFT's metadata (`format: pt`)."""
-    safetensors.flax.save_file(dict(tensors), os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    path = os.path.join(folder, WEIGHTS_NAME)
+    safetensors.flax.save_file(dict(tensors), path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file 0600; give it the mode open() would
 
 
 def read_config(folder: str) -> dict[str, Any]:

@@ -364,11 +364,12 @@ class MissModel:
 
     # ------------------------------------------------------------------ PEFT folders (interop)
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Writes PEFT-format folders (see `interop.peft_io.save_pretrained` for the options)."""
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        """Writes PEFT-format folders (see `interop.peft_io.save_pretrained` for the options; with
+        `as_lora=True` LoRA folders, and it returns each adapter's export report)."""
         from interop.peft_io import save_pretrained
 
-        save_pretrained(self, save_directory, **kwargs)
+        return save_pretrained(self, save_directory, **kwargs)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
         """Loads a PEFT-format folder (torch-made ones too) as adapter `adapter_name`."""

@@ -26,7 +26,6 @@ from test_lifecycle import assert_trees_close, fill_blocks, logits
 VARIANTS = {"zero": True, "balance": False, "mini": "mini", "bat": "bat"}
 PAIR = ["balance", "bat"]  # the two-adapter combination: additive term on top of a bat-adapted weight
 
-
 # The merge / unmerge / safe_merge set runs on two variants per architecture (each variant on at least
 # five); every architecture also merges and unmerges the balance + bat pair in the two-adapter check.
 MERGE_VARIANTS = {
@@ -59,6 +58,7 @@ class Adapted:
 
 
 def build(arch: str) -> Adapted:
+    """The four adapters (r=4, mini_r=2) on the architecture's default (or explicit) targets."""
     base_model = tm.flax_model(arch)
     x = tm.inputs(arch)
     targets = tm.targets(arch)
@@ -154,13 +154,12 @@ def test_bf16_base_with_float32_adapters(adapted: Callable[[str], Adapted], arch
     assert np.abs(out - full).max() < 0.1 * np.abs(full).max() + 0.05
 
 
-def adapter_grads(model: MissModel, x: dict[str, np.ndarray], params: Any = None) -> Any:
+def adapter_grads(model: MissModel, x: dict[str, np.ndarray]) -> Any:
     """d(sum of squared logits)/d(trainable params) for the model's current plan, jit-compiled."""
     forward = model.apply_fn()
-    params = model.params if params is None else params
 
     def loss(trainable: Any) -> jax.Array:
-        return jnp.sum(forward(params, trainable, **x)[0] ** 2)
+        return jnp.sum(forward(model.params, trainable, **x)[0] ** 2)
 
     return jax.jit(jax.grad(loss))(model.trainable_params())
 
@@ -180,7 +179,7 @@ def test_grads_reach_exactly_the_trainable_params(adapted: Callable[[str], Adapt
 
 @pytest.mark.parametrize("arch", tm.ARCHS)
 def test_delete_adapters(adapted: Callable[[str], Adapted], arch: str) -> None:
-    """Runs last: it leaves the architecture's model with two adapters (checked un-jitted: no new compile)."""
+    """Runs last: it leaves the architecture's model with one adapter (checked un-jitted: no new compile)."""
     case = adapted(arch)
     case.model.set_adapter(PAIR)
     both = case.eager()

@@ -149,3 +149,15 @@ def test_bad_exports_raise(llama, tmp_path):
             lora_state_dict(llama, "balance")
     finally:
         llama.unmerge_adapter()
+
+
+def test_save_pretrained_as_lora_writes_every_adapter_in_peft_layout(llama, tmp_path):
+    """`save_pretrained(as_lora=True)`: `default`-style layout (non-default adapters in sub-folders),
+    one report per adapter, and PEFT's LoRA loads each folder with the JAX logits."""
+    reports = llama.save_pretrained(str(tmp_path), selected_adapters=["mini", "bat"], as_lora=True, lora_rank=8)
+    assert set(reports) == {"mini", "bat"}
+    assert reports["mini"].max_rel_error == 0.0 and reports["bat"].max_rel_error > 0.0  # rank 8 < 32: an SVD
+    assert config_of(str(tmp_path / "bat"))["peft_type"] == "LORA"
+    llama.set_adapter("mini")
+    diff = np.abs(torch_outputs(peft_lora("llama", str(tmp_path / "mini")), "llama") - jax_outputs(llama, "llama"))
+    assert diff.max() < ATOL, diff.max()

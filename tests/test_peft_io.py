@@ -312,3 +312,13 @@ def test_interrupted_save_leaves_no_half_written_folder(victim, tmp_path, monkey
         assert os.listdir(tmp_path) == ["adapter"]
     finally:
         model.delete_adapter("second")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Readable by others as any file `open()` makes (safetensors alone would create it 0600)."""
+    model = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(str(tmp_path / "a"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.stat(tmp_path / "a" / name).st_mode & 0o777 == 0o666 & ~umask, name

@@ -54,7 +54,8 @@ def peft_matches(arch: str, **kwargs: Any) -> set[str]:
     config = _maybe_include_all_linear_layers(config, model)
     if config.target_modules is None:
         config.target_modules = set(PEFT_TARGETS[model.config.model_type])
-    return {key for key, m in model.named_modules() if isinstance(m, LINEAR) and check_target_module_exists(config, key)}
+    linear = [key for key, m in model.named_modules() if isinstance(m, LINEAR)]
+    return {key for key in linear if check_target_module_exists(config, key)}
 
 
 CASES: list[tuple[str, dict[str, Any]]] = [
