@@ -211,23 +211,6 @@ def schedule(lr: float, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
 
 
-def head_only_step(peft_model: Any, tx: optax.GradientTransformation) -> Callable:
-    """The baseline's jitted `step(params, state, batch, rng)`: the frozen base with only the classifier
-    copy trained (the MiSS blocks are not applied), same loss and dropout as the MiSS run."""
-    forward = peft_model.apply_fn(dataclasses.replace(peft_model.plan, active=()))
-
-    def loss(params: Any, head: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
-        inputs = T.model_inputs(peft_model, batch)
-        return T.classification_loss(forward(params, head, **inputs, train=True, dropout_rng=rng), batch)
-
-    def step(params: Any, state: T.TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
-        value, grads = jax.value_and_grad(loss, argnums=1)(params, state.trainable, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        return T.TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), value
-
-    return jax.jit(step, donate_argnums=(1,))
-
-
 def train_baseline(
     peft_model: Any,
     head: Any,
@@ -243,9 +226,10 @@ def train_baseline(
     trainable = {"modules_to_save": head}
     state = T.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
     losses: list[float] = []
-    state = run_steps(head_only_step(peft_model, tx), peft_model.params, state, data, args, total_steps,
-                      "head only", losses)
-    forward = jax.jit(peft_model.apply_fn(dataclasses.replace(peft_model.plan, active=())))
+    head_only = dataclasses.replace(peft_model.plan, active=())  # MiSS blocks off, the classifier copy on
+    step = T.make_train_step(peft_model, tx, T.classification_loss, plan=head_only)
+    state = run_steps(step, peft_model.params, state, data, args, total_steps, "head only", losses)
+    forward = jax.jit(peft_model.apply_fn(head_only))
     return lambda batch: forward(peft_model.params, state.trainable, **batch).logits, losses
 
 

@@ -72,9 +72,10 @@ def model_inputs(peft_model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k in names and k != "labels"}
 
 
-def make_loss_fn(peft_model: Any, loss_fn: LossFn, train: bool = True) -> Callable[..., jax.Array]:
-    """`loss(params, trainable, batch, rng) -> scalar` for the model's current plan (pure, not jitted)."""
-    forward = peft_model.apply_fn()
+def make_loss_fn(peft_model: Any, loss_fn: LossFn, train: bool = True, plan: Any = None) -> Callable[..., jax.Array]:
+    """`loss(params, trainable, batch, rng) -> scalar` for `plan` (default: the model's current one;
+    e.g. `dataclasses.replace(peft_model.plan, active=())` trains only `modules_to_save`). Pure, not jitted."""
+    forward = peft_model.apply_fn(plan)
 
     def loss(params: PyTree, trainable: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
         extra = {"train": True, "dropout_rng": rng} if train else {}
@@ -85,13 +86,14 @@ def make_loss_fn(peft_model: Any, loss_fn: LossFn, train: bool = True) -> Callab
 
 
 def make_train_step(
-    peft_model: Any, tx: optax.GradientTransformation, loss_fn: LossFn, donate: bool = True
+    peft_model: Any, tx: optax.GradientTransformation, loss_fn: LossFn, donate: bool = True, plan: Any = None
 ) -> Callable[[PyTree, TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, jax.Array]]:
     """A jitted `step(params, state, batch, rng) -> (state, loss)`; `state` is donated.
 
-    Only `state.trainable` is differentiated. Same shapes never recompile.
+    Only `state.trainable` is differentiated (for `plan`, default the model's current one). Same
+    shapes never recompile.
     """
-    loss = make_loss_fn(peft_model, loss_fn)
+    loss = make_loss_fn(peft_model, loss_fn, plan=plan)
 
     def step(params: PyTree, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
         value, grads = jax.value_and_grad(loss, argnums=1)(params, state.trainable, batch, rng)
