@@ -359,3 +359,20 @@ def test_bad_input_raises_and_leaves_model_as_it_was(model: MissModel, call: Cal
         with pytest.raises(ValueError, match=message):
             call(model)
     assert snapshot(model) == before
+
+
+def test_merge_and_unload_of_a_do_init_false_model_returns_params():
+    """A `_do_init=False` model keeps its params outside: `return_params=True` gives (model, params); the
+    plain form raises a clear error before merging anything."""
+    import transformers
+
+    model = transformers.FlaxLlamaForCausalLM(tm.config("llama"), _do_init=False)
+    params = model.init_weights(jax.random.PRNGKey(0), (1, 8))
+    pm = get_peft_model(model, MissConfig(r=4, init_weights=False, target_modules=["q_proj"]), params=params)
+    adapted = np.asarray(pm(**tm.inputs("llama")).logits)
+    with pytest.raises(ValueError, match="return_params=True"):
+        pm.merge_and_unload()
+    assert pm.merged_adapters == []
+    plain, merged = pm.merge_and_unload(return_params=True)
+    assert plain is model
+    np.testing.assert_allclose(np.asarray(plain(**tm.inputs("llama"), params=merged).logits), adapted, atol=1e-5)
