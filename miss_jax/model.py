@@ -178,8 +178,7 @@ class MissModel:
         self._check_name(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
-        spec = self._specs.pop(adapter_name)
-        del self.peft_config[adapter_name]
+        del self._specs[adapter_name], self.peft_config[adapter_name]
         self.adapter_params["miss"].pop(adapter_name)
         self.adapter_params["modules_to_save"].pop(adapter_name, None)
         still = {p for s in self._specs.values() for p in s.bias_paths}
@@ -187,7 +186,6 @@ class MissModel:
         self.adapter_params["bias"] = _nest(bias)
         remaining = [a for a in self.active_adapters if a != adapter_name]
         self.active_adapters = remaining or list(self._specs)[:1]
-        del spec
 
     # ------------------------------------------------------------------ merging
 

@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional
 
 import jax
@@ -57,7 +58,43 @@ def fold_input(x: Array, r: int) -> Array:
     pad = n * r - x.shape[-1]
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], n, r).sum(axis=-2)
+    return _fold_2d(x.reshape(-1, n * r), r).reshape(*x.shape[:-1], r)
+
+
+_MAX_SLICES = 32  # slices summed per level of `_fold_2d` (bounds the size of the traced program)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fold_2d(x: Array, r: int) -> Array:
+    """`(T, n*r)` -> `(T, r)`, summing the `n` column slices of width `r` (several levels when `n` is large).
+
+    A sum of slices of a 2-D view, not a reduce over `(T, n, r)`: XLA:CPU fuses the layer input's producer
+    (a GELU, a LayerNorm) into such a reduce, splits that producer into several passes and runs the reduce
+    unvectorised; slices of the materialised input cost one read. The tangent is the plain reduce, whose
+    transpose (a broadcast) is what the backward pass needs.
+    """
+    n = x.shape[1] // r
+    while n > _MAX_SLICES:
+        per = -(-n // _MAX_SLICES)  # r-chunks in each wide slice
+        wide = -(-n // per)  # wide slices summed at this level
+        if wide * per > n:
+            x = jnp.pad(x, ((0, 0), (0, (wide * per - n) * r)))
+        x, n = _sum_slices(x, per * r), per
+    return _sum_slices(x, r)
+
+
+@_fold_2d.defjvp
+def _fold_2d_jvp(r: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    return _fold_2d(x, r), dx.reshape(dx.shape[0], -1, r).sum(axis=1)
+
+
+def _sum_slices(x: Array, width: int) -> Array:
+    """`(T, k*width)` -> `(T, width)`: the sum of the `k` column slices."""
+    out = x[:, :width]
+    for i in range(1, x.shape[1] // width):
+        out = out + x[:, i * width : (i + 1) * width]
+    return out
 
 
 def balance_output(x: Array, block: Array) -> Array:
