@@ -8,7 +8,9 @@ base model's logits (`<workdir>/<model>/jax_logits.npy`) for the same-weights ch
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +42,7 @@ def main(settings_path: str, out_path: str) -> None:
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "transformers": transformers.__version__, "miss_jax": getattr(miss_jax, "__version__", "")},
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "device_count": jax.device_count(),
         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "models": {},
@@ -47,6 +50,44 @@ def main(settings_path: str, out_path: str) -> None:
     for spec in settings.models:
         result["models"][spec.name] = JaxSuite(spec, settings).run()
     write_json(out_path, result)
+
+
+def hlo_facts(hlo: str, kernel_shapes: set[tuple[int, ...]], tokens: int) -> dict[str, int]:
+    """Facts read off a compiled train step's HLO text.
+
+    `kernel_grad_dots`: dots that produce a weight gradient of one of `kernel_shapes`: output of that
+    shape, `tokens` (batch x sequence) elements contracted, no operand a program input (forward and
+    input-gradient dots read the kernel itself). None may exist for frozen kernels.
+    `donated_buffers`: outputs aliased to (donated) inputs.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    inputs: set[str] = set()
+    grads = 0
+    for line in hlo.split("ENTRY", 1)[-1].splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)", line)
+        if not m:
+            continue
+        name, dims, op, rest = m[1], tuple(int(d) for d in m[2].split(",") if d), m[3], m[4]
+        shapes[name] = dims
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        if op == "parameter" or (op in ("bitcast", "copy") and operands and operands[0] in inputs):
+            inputs.add(name)
+        if op != "dot" or len(operands) < 2 or inputs.intersection(operands[:2]):
+            continue
+        lhs = shapes.get(operands[0], ())
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        axes = [int(d) for d in contracting[1].split(",") if d] if contracting else []
+        contracted = math.prod(lhs[d] for d in axes if d < len(lhs))
+        grads += dims in kernel_shapes and contracted == tokens
+    header = hlo.split("\n", 1)[0]
+    return {"kernel_grad_dots": grads, "donated_buffers": header.count("-alias)")}
+
+
+def _compiles(jitted: Any) -> int:
+    """How many programs a jitted function compiled (one per shape when nothing recompiles; -1 if the
+    JAX version does not say)."""
+    size = getattr(jitted, "_cache_size", None)
+    return size() if callable(size) else -1
 
 
 class JaxSuite:
@@ -106,7 +147,7 @@ class JaxSuite:
         for variant in specs.VARIANTS:
             pm = self._miss_model(variant)
             out["forward"][variant] = self._measure(lambda: pm(**self.model_inputs).logits)
-            out["compiles"][f"forward/{variant}"] = pm._forward._cache_size()
+            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
             out["train"][variant], out["compiles"][f"train/{variant}"] = self._train_miss(pm)
             del pm
         out["train"]["full"], out["compiles"]["train/full"] = self._train_full()
@@ -132,7 +173,16 @@ class JaxSuite:
             box["state"], loss = step(params, box["state"], self.batch, rng)
             return loss
 
-        return self._measure(run), step._cache_size()
+        result = self._measure(run)
+        hlo = step.lower(params, box["state"], self.batch, rng).compile().as_text()  # the cached executable
+        result["hlo"] = dict(hlo_facts(hlo, self._frozen_kernel_shapes(pm), self.spec.batch * self.spec.seq),
+                             state_buffers=len(self.jax.tree_util.tree_leaves(box["state"])))
+        return result, _compiles(step)
+
+    def _frozen_kernel_shapes(self, pm: Any) -> set[tuple[int, ...]]:
+        """Shapes (and transposes) of the adapted layers' kernels, which the MiSS step must not differentiate."""
+        shapes = {tuple(self._get(self.base, layer.path)["kernel"].shape) for layer in pm.plan.spec("default").layers}
+        return shapes | {s[::-1] for s in shapes}
 
     def _train_full(self) -> tuple[dict[str, float], int]:
         """Full fine-tuning for reference: every base param differentiated, AdamW, donated buffers."""
@@ -157,8 +207,12 @@ class JaxSuite:
             return loss
 
         result = self._measure(run)
+        hlo = jitted.lower(box["params"], box["opt"], self.batch, rng).compile().as_text()
+        result["hlo"] = dict(hlo_facts(hlo, self._frozen_kernel_shapes(self._miss_model("balance")),
+                                       self.spec.batch * self.spec.seq),
+                             state_buffers=len(jax.tree_util.tree_leaves((box["params"], box["opt"]))))
         del box
-        return result, jitted._cache_size()
+        return result, _compiles(jitted)
 
     def _create(self, variant: str) -> dict[str, float]:
         def create(_: Any) -> Any:
@@ -180,7 +234,7 @@ class JaxSuite:
     def _copy_kernels(self) -> dict[str, float]:
         """Reference for merge_and_unload: a jitted copy of the same kernels (one pass over them)."""
         pm = self._miss_model("balance")
-        kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm._specs["default"].layers]
+        kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm.plan.spec("default").layers]
         copy = self.jax.jit(lambda ks: [self.jnp.copy(k) for k in ks])
         return self._measure(lambda: copy(kernels))
 

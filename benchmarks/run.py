@@ -61,7 +61,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace, workdir: str) -> specs.Settings:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    batch, seq = (2, 16) if args.quick and args.batch == 16 and args.seq == 128 else (args.batch, args.seq)
+    batch, seq = (2, 24) if args.quick and args.batch == 16 and args.seq == 128 else (args.batch, args.seq)
     table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick)
     unknown = [n for n in names if n not in table]
     if unknown or not names:
@@ -122,6 +122,7 @@ def combine(settings: specs.Settings, sides: dict[str, dict], step_times: dict[s
         "threads": settings.threads, "r": settings.r, "mini_r": settings.mini_r,
         "warmup": settings.warmup, "repeats": settings.repeats,
         "versions": versions, "xla_flags": sides.get("jax", {}).get("xla_flags"),
+        "jax_device_count": sides.get("jax", {}).get("device_count"),
         "cpus": {k: v.get("cpus") for k, v in sides.items()},
         "step_seconds": {k: round(v, 1) for k, v in step_times.items()},
         "loadavg_start": loads[0], "loadavg_end": loads[1],

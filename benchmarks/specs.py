@@ -6,7 +6,7 @@ Two models, the same architecture and weights in both frameworks:
     every ``*.dense``: attention.output, intermediate, output and the pooler).
   * ``llama``: a Llama-shaped causal LM of ~106M parameters (8 layers, hidden 768, intermediate 2048,
     12 heads, vocab 32000); MiSS on all seven projections.
-``--quick`` swaps both for tiny shapes (hidden 32, 2 layers) for smoke runs and tests.
+``--quick`` swaps both for tiny shapes (hidden 32, 1 layer) for smoke runs and tests.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class Settings:
 def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: bool) -> dict[str, ModelSpec]:
     """The benchmark's models; ``quick`` gives tiny shapes with the same structure."""
     if quick:
-        bert = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        llama = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        bert = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        llama = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=4)
     else:
         bert = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,

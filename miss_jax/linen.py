@@ -217,9 +217,18 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
     with the `"dropout"` rng stream the caller passed to `apply`.
     """
     terms = additive_terms(plan, adapter_params)
+    # Layers whose (bat-adapted) kernel the forward differentiates run on a 2-D view of their input: the
+    # kernel gradient is then a plain (T, in)^T @ (T, out) matmul, where for 3-D operands XLA:CPU first
+    # transposes copies of both.
+    flat_input = {layer.path for n in plan.active if plan.spec(n).variant == "bat" for layer in plan.spec(n).layers}
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not args or context.module.path not in flat_input or args[0].ndim <= 2:
+            out = next_fun(*args, **kwargs)
+        else:
+            x = args[0]
+            out = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
         if context.method_name != "__call__" or not terms:
             return out
         entries = terms.get(context.module.path)

@@ -1,0 +1,124 @@
+"""The benchmark end to end on tiny shapes (one warm-up, one timed run, both sides), and its CLI checks.
+
+No timing assertions: the run must produce every field, for both frameworks, from one invocation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+MEASURE_FIELDS = ("median_s", "min_s", "cpu_s", "first_s", "rss_before_mb", "peak_rss_mb")
+
+
+def _bench_module(name: str) -> Any:
+    """Imports `benchmarks/<name>.py` (the scripts import each other by plain name)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    key = f"benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One `run.py --quick` (both models, both sides) under the suite's 8-device XLA_FLAGS."""
+    out = str(tmp_path_factory.mktemp("bench") / "quick.json")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--out", out],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f), out
+
+
+def _check_measure(entry: dict[str, float], where: str) -> None:
+    for field in MEASURE_FIELDS:
+        value = entry.get(field)
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (where, field, value)
+    assert entry["min_s"] <= entry["median_s"], where
+    assert entry["peak_rss_mb"] > 0, where
+
+
+def test_every_case_is_measured_on_both_sides(quick_run: tuple[dict[str, Any], str]) -> None:
+    specs = _bench_module("specs")
+    result, _ = quick_run
+    assert set(result["models"]) == {"bert", "llama"}
+    for name, model in result["models"].items():
+        for side in ("jax", "torch"):
+            numbers = model[side]
+            for case in specs.FORWARD_CASES:
+                _check_measure(numbers["forward"][case], f"{name}/{side}/forward/{case}")
+            for case in specs.TRAIN_CASES:
+                _check_measure(numbers["train"][case], f"{name}/{side}/train/{case}")
+            for group in ("create", "merge_and_unload"):
+                for case in specs.VARIANTS:
+                    _check_measure(numbers[group][case], f"{name}/{side}/{group}/{case}")
+            _check_measure(numbers["copy_kernels"], f"{name}/{side}/copy_kernels")
+            assert set(numbers["trainable_params"]) == set(specs.VARIANTS)
+        # Same r and targets on both sides: PEFT and miss_jax train the same number of parameters.
+        assert model["jax"]["trainable_params"] == model["torch"]["trainable_params"]
+
+
+def test_same_weights_and_one_device_without_recompiles(quick_run: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_run
+    meta = result["meta"]
+    assert "xla_force_host_platform_device_count" not in meta["xla_flags"]
+    assert meta["jax_device_count"] == 1
+    assert meta["cpus"]["jax"] == meta["cpus"]["torch"] and len(meta["cpus"]["jax"]) == meta["threads"]
+    for name, model in result["models"].items():
+        assert model["same_weights_max_abs_diff"] < 1e-4, name
+        # Every jitted forward and train step compiled once for its shape, however often it ran.
+        assert model["jax"]["compiles"] and all(n == 1 for n in model["jax"]["compiles"].values()), name
+
+
+def test_train_steps_skip_frozen_kernels_and_donate(quick_run: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_run
+    for name, model in result["models"].items():
+        train = model["jax"]["train"]
+        for case in ("balance", "mini", "full"):
+            hlo = train[case]["hlo"]
+            assert hlo["donated_buffers"] == hlo["state_buffers"] > 0, (name, case, hlo)
+        # The detector finds weight gradients where they exist (full fine-tuning), and MiSS has none.
+        assert train["full"]["hlo"]["kernel_grad_dots"] > 0, name
+        assert train["balance"]["hlo"]["kernel_grad_dots"] == train["mini"]["hlo"]["kernel_grad_dots"] == 0, name
+
+
+def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], str]) -> None:
+    result, out = quick_run
+    for name, model in result["models"].items():
+        jm, tm, ratios = model["jax"], model["torch"], model["ratios"]
+        for group, cases in (("forward", jm["forward"]), ("train", jm["train"]), ("merge_and_unload", jm["merge_and_unload"])):
+            for case in cases:
+                r = ratios[f"{group}/{case}"]
+                assert r["jax_over_torch_median"] == round(cases[case]["median_s"] / tm[group][case]["median_s"], 3)
+        base = jm["forward"]["base"]["median_s"]
+        assert ratios["forward/balance"]["jax_miss_over_base_median"] == round(
+            jm["forward"]["balance"]["median_s"] / base, 3)
+        assert set(model["targets"]) and all(t["ratio"] is not None for t in model["targets"].values())
+    table = open(os.path.splitext(out)[0] + ".md").read()
+    for row in ("forward/base", "train/full", "create/bat", "merge_and_unload/balance", "copy_kernels"):
+        assert f"| {row} |" in table
+
+
+def test_bad_options_name_the_problem() -> None:
+    run = _bench_module("run")
+    with pytest.raises(ValueError, match="unknown \\['gpt9'\\]"):
+        run.build_settings(run.parse_args(["--models", "bert,gpt9"]), "/tmp/unused")
+    with pytest.raises(ValueError, match="--threads 999"):
+        run.build_settings(run.parse_args(["--threads", "999"]), "/tmp/unused")
+    with pytest.raises(ValueError, match="--sides"):
+        run.main(["--sides", "jax,tf"])
