@@ -120,15 +120,15 @@ class JaxSuite:
         device = self.jax.devices()[0]
         if device.platform == "cpu":
             return None, None
-        # XLA exposes no reset of the peak: this is the peak so far in the process.
-        return None, lambda: device.memory_stats().get("peak_bytes_in_use", 0) / 2**20
+        stats = lambda key: device.memory_stats().get(key, 0) / 2**20  # noqa: E731
+        # XLA exposes no reset of the peak: `peak_device_mb` is the process's peak so far.
+        return (lambda: stats("bytes_in_use")), (lambda: stats("peak_bytes_in_use"))
 
     def _sync(self, x: Any) -> Any:
         return self.jax.block_until_ready(x)
 
-    def _measure(self, fn: Callable[[], Any]) -> dict[str, float]:
-        s = self.settings
-        return timing.measure(fn, self._sync, s.warmup, s.repeats, self.memory)
+    def _rounds(self) -> timing.Rounds:
+        return timing.Rounds(self._sync, self.settings.warmup, self.memory, self.baseline)
 
     def _miss_model(self, variant: str) -> Any:
         from miss_jax import MissConfig, MissModel
@@ -139,52 +139,67 @@ class JaxSuite:
     def run(self) -> dict[str, Any]:
         import numpy as np
 
-        out: dict[str, Any] = {"forward": {}, "train": {}, "create": {}, "merge_and_unload": {}, "compiles": {}}
+        out: dict[str, Any] = {"compiles": {}}
         logits = self.forward(self.base, self.model_inputs)
         np.save(os.path.join(self.settings.workdir, self.spec.name, "jax_logits.npy"), np.asarray(logits),
                 allow_pickle=False)
-        out["forward"]["base"] = self._measure(lambda: self.forward(self.base, self.model_inputs))
-        for variant in specs.VARIANTS:
-            pm = self._miss_model(variant)
-            out["forward"][variant] = self._measure(lambda: pm(**self.model_inputs).logits)
-            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
-            out["train"][variant], out["compiles"][f"train/{variant}"] = self._train_miss(pm)
-            del pm
-        out["train"]["full"], out["compiles"]["train/full"] = self._train_full()
-        for variant in specs.VARIANTS:
-            out["create"][variant] = self._create(variant)
-            out["merge_and_unload"][variant] = self._merge(variant)
+        self.baseline = self.memory.current()  # the base model, loaded and compiled
+        models = {v: self._miss_model(v) for v in specs.VARIANTS}
+        forward = self._rounds()
+        forward.add("base", lambda: lambda: self.forward(self.base, self.model_inputs))
+        for variant, pm in models.items():
+            forward.add(variant, lambda pm=pm: lambda: pm(**self.model_inputs).logits)
         merged = self._miss_model("balance").merge_and_unload().params
         self.model.params = self.base
-        out["forward"]["merged"] = self._measure(lambda: self.forward(merged, self.model_inputs))
+        forward.add("merged", lambda: lambda: self.forward(merged, self.model_inputs))
+        out["forward"] = forward.run(self.settings.repeats)
+        del forward, merged
+        train = self._rounds()
+        steps = {v: self._train_miss(pm) for v, pm in models.items()}
+        steps["full"] = self._train_full()
+        for case, (run, _, _) in steps.items():
+            train.add(case, lambda run=run: run)
+        out["train"] = train.run(self.settings.repeats)
+        for case, (_, step, facts) in steps.items():
+            out["train"][case]["hlo"] = facts()
+            out["compiles"][f"train/{case}"] = _compiles(step)
+        for variant, pm in models.items():
+            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
+        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
+        del train, steps, models
+        out["create"] = {v: self._create(v) for v in specs.VARIANTS}
+        out["merge_and_unload"] = {v: self._merge(v) for v in specs.VARIANTS}
         out["copy_kernels"] = self._copy_kernels()
-        out["trainable_params"] = self._trainable_counts()
         return out
 
-    def _train_miss(self, pm: Any) -> tuple[dict[str, float], int]:
+    def _train_miss(self, pm: Any) -> tuple[Callable[[], Any], Any, Callable[[], dict]]:
+        """(one step, the jitted step, its HLO facts) for a MiSS model: make_train_step, donated state."""
         from miss_jax.train import create_train_state, make_train_step
 
         step = make_train_step(pm, self.tx, self.loss_fn)
-        box = {"state": create_train_state(pm, self.tx)}
+        box: dict[str, Any] = {}
         rng = self.jax.random.PRNGKey(0)
         params = pm.params
 
         def run() -> Any:
+            if not box:  # built on the first call, so that the group counts it as this case's memory
+                box["state"] = create_train_state(pm, self.tx)
             box["state"], loss = step(params, box["state"], self.batch, rng)
             return loss
 
-        result = self._measure(run)
-        hlo = step.lower(params, box["state"], self.batch, rng).compile().as_text()  # the cached executable
-        result["hlo"] = dict(hlo_facts(hlo, self._frozen_kernel_shapes(pm), self.spec.batch * self.spec.seq),
-                             state_buffers=len(self.jax.tree_util.tree_leaves(box["state"])))
-        return result, _compiles(step)
+        def facts() -> dict:
+            hlo = step.lower(params, box["state"], self.batch, rng).compile().as_text()  # the cached executable
+            return dict(hlo_facts(hlo, self._frozen_kernel_shapes(pm), self.spec.batch * self.spec.seq),
+                        state_buffers=len(self.jax.tree_util.tree_leaves(box["state"])))
+
+        return run, step, facts
 
     def _frozen_kernel_shapes(self, pm: Any) -> set[tuple[int, ...]]:
         """Shapes (and transposes) of the adapted layers' kernels, which the MiSS step must not differentiate."""
         shapes = {tuple(self._get(self.base, layer.path)["kernel"].shape) for layer in pm.plan.spec("default").layers}
         return shapes | {s[::-1] for s in shapes}
 
-    def _train_full(self) -> tuple[dict[str, float], int]:
+    def _train_full(self) -> tuple[Callable[[], Any], Any, Callable[[], dict]]:
         """Full fine-tuning for reference: every base param differentiated, AdamW, donated buffers."""
         jax, optax, model, loss_fn, tx = self.jax, self.optax, self.model, self.loss_fn, self.tx
 
@@ -198,21 +213,23 @@ class JaxSuite:
             return optax.apply_updates(params, updates), opt_state, value
 
         jitted = jax.jit(step, donate_argnums=(0, 1))
-        params = jax.tree_util.tree_map(self.jnp.copy, self.base)  # donated: never the base buffers
-        box = {"params": params, "opt": tx.init(params)}
+        box: dict[str, Any] = {}
         rng = jax.random.PRNGKey(0)
 
         def run() -> Any:
+            if not box:  # built on the first call, so that the group counts it as this case's memory
+                box["params"] = jax.tree_util.tree_map(self.jnp.copy, self.base)  # donated: never the base
+                box["opt"] = tx.init(box["params"])
             box["params"], box["opt"], loss = jitted(box["params"], box["opt"], self.batch, rng)
             return loss
 
-        result = self._measure(run)
-        hlo = jitted.lower(box["params"], box["opt"], self.batch, rng).compile().as_text()
-        result["hlo"] = dict(hlo_facts(hlo, self._frozen_kernel_shapes(self._miss_model("balance")),
-                                       self.spec.batch * self.spec.seq),
-                             state_buffers=len(jax.tree_util.tree_leaves((box["params"], box["opt"]))))
-        del box
-        return result, _compiles(jitted)
+        def facts() -> dict:
+            hlo = jitted.lower(box["params"], box["opt"], self.batch, rng).compile().as_text()
+            shapes = self._frozen_kernel_shapes(self._miss_model("balance"))
+            return dict(hlo_facts(hlo, shapes, self.spec.batch * self.spec.seq),
+                        state_buffers=len(jax.tree_util.tree_leaves((box["params"], box["opt"]))))
+
+        return run, jitted, facts
 
     def _create(self, variant: str) -> dict[str, float]:
         def create(_: Any) -> Any:
@@ -236,7 +253,9 @@ class JaxSuite:
         pm = self._miss_model("balance")
         kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm.plan.spec("default").layers]
         copy = self.jax.jit(lambda ks: [self.jnp.copy(k) for k in ks])
-        return self._measure(lambda: copy(kernels))
+        rounds = self._rounds()
+        rounds.add("copy", lambda: lambda: copy(kernels))
+        return rounds.run(self.settings.repeats)["copy"]
 
     @staticmethod
     def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -244,8 +263,6 @@ class JaxSuite:
             tree = tree[p]
         return tree
 
-    def _trainable_counts(self) -> dict[str, int]:
-        return {v: self._miss_model(v).get_nb_trainable_parameters()[0] for v in specs.VARIANTS}
 
 
 if __name__ == "__main__":

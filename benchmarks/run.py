@@ -45,7 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=None, help="MiSS r (default 64; 8 with --quick)")
     p.add_argument("--mini-r", type=int, default=None, help="mini_r of the mini variant (default 8; 4 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for each side (default: all allowed)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (the first compiles)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each case before timing (the first compiles)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 1 repeat (smoke test)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")

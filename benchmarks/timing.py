@@ -1,13 +1,29 @@
 """Timing and memory measurement, framework-neutral (stdlib only).
 
-`measure` runs a case `warmup` times (compilation, allocator warm-up), then `repeats` timed runs, and
-reports the median and minimum wall time, the median process CPU time, and the peak memory of the
-timed runs. Peak host memory is the process's resident high-water mark (VmHWM), reset before the
-timed runs through /proc/self/clear_refs; a side may add device memory through `Memory`.
+Repeated cases (forwards, train steps) are timed together by `Rounds`: each case is built and warmed
+up (the first call compiles), then the timed runs go round-robin over the cases, so that a slow
+spell of the machine (other processes, a busy host) falls on every case alike instead of on
+whichever case it happened to meet. Each case reports the median and minimum wall time, the median
+process CPU time, and its memory, measured apart from the timed runs:
+
+  * `static_mb`: resident memory the case added when it was built and warmed up (its weights or
+    adapter, optimizer state, compiled program);
+  * `transient_mb`: the high-water mark of one more run above the memory resident before it
+    (activations, gradients, temporaries);
+  * `peak_rss_mb`: the process before any case of the group + static + transient, i.e. the peak of a
+    process that holds the base model and this case only.
+
+Host memory is the resident set (VmRSS) and its high-water mark (VmHWM, reset through
+/proc/self/clear_refs), read after glibc's `malloc_trim` has returned freed heap pages, so that
+memory one case freed does not hide what the next one needs; a side may add device memory through
+`Memory`. One-shot operations (adapter
+creation, merge_and_unload) go through `measure_fresh`, with a fresh object per run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import statistics
 import time
@@ -15,20 +31,28 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process, MiB."""
-    return _status_kb("VmRSS") / 1024
-
-
-def _status_kb(field: str) -> float:
+def _status_mb(field: str) -> float:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return float(line.split()[1])
+                    return float(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    return _status_mb("VmRSS")
+
+
+def trim_heap() -> None:
+    """Returns freed heap pages to the OS (glibc `malloc_trim(0)`; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> None:
@@ -41,60 +65,102 @@ def reset_peak_rss() -> None:
 
 
 class Memory:
-    """Peak memory of a case: host RSS, plus device bytes where the side provides hooks."""
+    """Host memory, plus device memory where a side gives hooks (MiB): `device_current` (in use now),
+    `device_peak` (peak since `device_reset`, or since the start where there is no reset)."""
 
-    def __init__(self, device_reset: Optional[Callable[[], None]] = None,
-                 device_peak: Optional[Callable[[], float]] = None) -> None:
-        self._device_reset = device_reset
-        self._device_peak = device_peak
+    def __init__(self, device_current: Optional[Callable[[], float]] = None,
+                 device_peak: Optional[Callable[[], float]] = None,
+                 device_reset: Optional[Callable[[], None]] = None) -> None:
+        self._current, self._peak, self._reset = device_current, device_peak, device_reset
+
+    @property
+    def has_device(self) -> bool:
+        return self._current is not None
+
+    def current(self) -> dict[str, float]:
+        """Memory in use now (after returning freed heap pages to the OS)."""
+        trim_heap()
+        return {"rss": rss_mb(), **({"device": self._current()} if self._current else {})}
 
     def reset(self) -> None:
         reset_peak_rss()
-        if self._device_reset:
-            self._device_reset()
+        if self._reset:
+            self._reset()
 
     def peak(self) -> dict[str, float]:
-        out = {"peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1)}
-        if self._device_peak:
-            out["peak_device_mb"] = round(self._device_peak(), 1)
-        return out
+        return {"rss": _status_mb("VmHWM"), **({"device": self._peak()} if self._peak else {})}
+
+    @property
+    def resettable_device(self) -> bool:
+        return self._reset is not None
 
 
-def measure(
-    fn: Callable[[], Any],
-    sync: Callable[[Any], Any],
-    warmup: int,
-    repeats: int,
-    memory: Memory,
-) -> dict[str, float]:
-    """Times `sync(fn())`. Returns seconds (median_s, min_s, cpu_s, first_s) and peak memory (MiB).
+def _stats(walls: list[float], cpus: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(walls), "min_s": min(walls), "cpu_s": statistics.median(cpus)}
 
-    `first_s` is the first call (compilation included where there is one); `cpu_s` is the median
-    process CPU time (all threads) of the timed runs.
+
+class Rounds:
+    """A group of repeated cases, timed round-robin (see the module docstring).
+
+    Usage: `rounds = Rounds(sync, 2, Memory()); rounds.add("base", lambda: forward); rounds.run(5)`
+    gives `{"base": {"median_s": ..., "peak_rss_mb": ...}}`.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    t = time.perf_counter()
-    sync(fn())
-    first = time.perf_counter() - t
-    for _ in range(max(warmup - 1, 0)):
-        sync(fn())
-    rss_before = rss_mb()
-    memory.reset()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        sync(fn())
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return {
-        "median_s": statistics.median(walls),
-        "min_s": min(walls),
-        "cpu_s": statistics.median(cpus),
-        "first_s": first,
-        "rss_before_mb": round(rss_before, 1),
-        **memory.peak(),
-    }
+
+    def __init__(self, sync: Callable[[Any], Any], warmup: int, memory: Memory,
+                 start: Optional[dict[str, float]] = None) -> None:
+        """`start`: `memory.current()` of the process before any case existed (default: now)."""
+        self.sync, self.warmup, self.memory = sync, max(warmup, 1), memory
+        self.start = start or memory.current()
+        self.cases: dict[str, Callable[[], Any]] = {}
+        self.first: dict[str, float] = {}
+        self.static: dict[str, dict[str, float]] = {}
+
+    def add(self, name: str, build: Callable[[], Callable[[], Any]]) -> None:
+        """Builds case `name` (`build()` returns the function to time) and warms it up."""
+        before = self.memory.current()
+        fn = build()
+        t = time.perf_counter()
+        self.sync(fn())
+        self.first[name] = time.perf_counter() - t
+        for _ in range(self.warmup - 1):
+            self.sync(fn())
+        after = self.memory.current()
+        self.static[name] = {k: after[k] - before[k] for k in after}
+        self.cases[name] = fn
+
+    def run(self, repeats: int) -> dict[str, dict[str, float]]:
+        """`repeats` timed rounds over the cases, then one measured run of each for its memory."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}.")
+        walls: dict[str, list[float]] = {n: [] for n in self.cases}
+        cpus: dict[str, list[float]] = {n: [] for n in self.cases}
+        for _ in range(repeats):
+            for name, fn in self.cases.items():
+                t, c = time.perf_counter(), time.process_time()
+                self.sync(fn())
+                walls[name].append(time.perf_counter() - t)
+                cpus[name].append(time.process_time() - c)
+        transient: dict[str, dict[str, float]] = {}
+        for name, fn in self.cases.items():
+            before = self.memory.current()
+            self.memory.reset()
+            self.sync(fn())
+            peak = self.memory.peak()
+            transient[name] = {k: max(peak[k] - before[k], 0.0) for k in peak}
+        return {name: self._summary(name, walls[name], cpus[name], transient[name]) for name in self.cases}
+
+    def _summary(self, name: str, walls: list[float], cpus: list[float], transient: dict[str, float]) -> dict:
+        static = self.static[name]
+        out = {**_stats(walls, cpus), "first_s": self.first[name],
+               "static_mb": round(static["rss"], 1), "transient_mb": round(transient["rss"], 1),
+               "peak_rss_mb": round(self.start["rss"] + static["rss"] + transient["rss"], 1)}
+        if self.memory.has_device:
+            out["static_device_mb"] = round(static["device"], 1)
+            if self.memory.resettable_device:
+                out["peak_device_mb"] = round(self.start["device"] + static["device"] + transient["device"], 1)
+            else:  # no reset of the device peak (XLA): the process's peak so far
+                out["peak_device_mb"] = round(self.memory.peak()["device"], 1)
+        return out
 
 
 def measure_fresh(
@@ -106,31 +172,33 @@ def measure_fresh(
 ) -> dict[str, float]:
     """Times `sync(fn(setup()))` with a fresh, untimed `setup()` each run (one-shot operations such as
     adapter creation or merge_and_unload). The first run is reported as `first_s` and not counted; the
-    peak memory is the highest over the timed runs, each measured from just before its `fn`."""
-    walls, cpus, peaks, first, rss_before = [], [], [], 0.0, float("nan")
+    peak is the process's highest resident memory during a timed `fn`, `transient_mb` its excess over
+    the memory resident just before."""
+    walls, cpus, first = [], [], 0.0
+    peak: dict[str, float] = {}
+    transient: dict[str, float] = {}
     for i in range(repeats + 1):
         obj = setup()
-        rss_before = rss_mb()
+        before = memory.current()
         memory.reset()
         t, c = time.perf_counter(), time.process_time()
         sync(fn(obj))
         wall, cpu = time.perf_counter() - t, time.process_time() - c
-        peaks.append(memory.peak())
+        now = memory.peak()
         del obj
         if i == 0:
             first = wall
-        else:
-            walls.append(wall)
-            cpus.append(cpu)
-    peak = {k: max(p[k] for p in peaks[1:]) for k in peaks[0]}
-    return {
-        "median_s": statistics.median(walls),
-        "min_s": min(walls),
-        "cpu_s": statistics.median(cpus),
-        "first_s": first,
-        "rss_before_mb": round(rss_before, 1),
-        **peak,
-    }
+            continue
+        walls.append(wall)
+        cpus.append(cpu)
+        for k in now:
+            peak[k] = max(peak.get(k, 0.0), now[k])
+            transient[k] = max(transient.get(k, 0.0), now[k] - before[k])
+    out = {**_stats(walls, cpus), "first_s": first, "transient_mb": round(transient["rss"], 1),
+           "peak_rss_mb": round(peak["rss"], 1)}
+    if "device" in peak:
+        out["peak_device_mb"] = round(peak["device"], 1)
+    return out
 
 
 def pin_threads(threads: int) -> list[int]:

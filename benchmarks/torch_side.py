@@ -60,18 +60,20 @@ class TorchSuite:
         batch = {k: torch.as_tensor(v).long().to(self.device) for k, v in specs.inputs(spec).items()}
         self.model_inputs = {k: v for k, v in batch.items() if k != "labels"}
         self.train_inputs = dict(self.model_inputs, labels=batch.get("labels", batch["input_ids"]))
-        cuda = self.device == "cuda"
-        self.memory = timing.Memory(torch.cuda.reset_peak_memory_stats if cuda else None,
-                                    (lambda: torch.cuda.max_memory_allocated() / 2**20) if cuda else None)
+        if self.device == "cuda":
+            self.memory = timing.Memory(lambda: torch.cuda.memory_allocated() / 2**20,
+                                        lambda: torch.cuda.max_memory_allocated() / 2**20,
+                                        torch.cuda.reset_peak_memory_stats)
+        else:
+            self.memory = timing.Memory()
 
     def _sync(self, x: Any) -> Any:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
         return x
 
-    def _measure(self, fn: Callable[[], Any]) -> dict[str, float]:
-        s = self.settings
-        return timing.measure(fn, self._sync, s.warmup, s.repeats, self.memory)
+    def _rounds(self) -> timing.Rounds:
+        return timing.Rounds(self._sync, self.settings.warmup, self.memory, self.baseline)
 
     def _config(self, variant: str) -> Any:
         import peft
@@ -93,20 +95,38 @@ class TorchSuite:
     def run(self) -> dict[str, Any]:
         import numpy as np
 
-        out: dict[str, Any] = {"forward": {}, "train": {}, "create": {}, "merge_and_unload": {}}
+        out: dict[str, Any] = {}
         logits = self._forward(self.model)().float().cpu().numpy()
         np.save(os.path.join(self.settings.workdir, self.spec.name, "torch_logits.npy"), logits, allow_pickle=False)
         out["attn_implementation"] = self.model.config._attn_implementation
-        out["forward"]["base"] = self._measure(self._forward(self.model))
+        self.baseline = self.memory.current()  # the base model, loaded and run once
+        # The deep copies stand for the one model a user has: made outside the cases' memory.
+        copies = {v: copy.deepcopy(self.model) for v in (*specs.VARIANTS, "merged")}
+        models: dict[str, Any] = {}
+        forward = self._rounds()
+        forward.add("base", lambda: self._forward(self.model))
         for variant in specs.VARIANTS:
-            pm = self._peft_model(variant).eval()
-            out["forward"][variant] = self._measure(self._forward(pm))
-            out["train"][variant] = self._train(pm, [p for p in pm.parameters() if p.requires_grad])
-            del pm
-        full = copy.deepcopy(self.model)
-        full.requires_grad_(True)
-        out["train"]["full"] = self._train(full, list(full.parameters()))
-        del full
+            def build(variant: str = variant) -> Callable[[], Any]:
+                models[variant] = self._wrap(copies.pop(variant), variant).eval()
+                return self._forward(models[variant])
+
+            forward.add(variant, build)
+        forward.add("merged", lambda: self._forward(self._wrap(copies.pop("merged"), "balance").merge_and_unload()))
+        out["forward"] = forward.run(self.settings.repeats)
+        del forward
+        train = self._rounds()
+        for variant, pm in models.items():
+            train.add(variant, lambda pm=pm: self._train_step(pm, [p for p in pm.parameters() if p.requires_grad]))
+
+        def build_full() -> Callable[[], Any]:
+            full = copy.deepcopy(self.model).requires_grad_(True)
+            return self._train_step(full, list(full.parameters()))
+
+        train.add("full", build_full)
+        out["train"] = train.run(self.settings.repeats)
+        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
+        del train, models
+        out["create"], out["merge_and_unload"] = {}, {}
         for variant in specs.VARIANTS:
             out["create"][variant] = timing.measure_fresh(
                 lambda: copy.deepcopy(self.model), lambda m: self._wrap(m, variant), self._sync,
@@ -114,12 +134,7 @@ class TorchSuite:
             out["merge_and_unload"][variant] = timing.measure_fresh(
                 lambda: self._peft_model(variant), lambda pm: pm.merge_and_unload(), self._sync,
                 self.settings.repeats, self.memory)
-        merged = self._peft_model("balance").merge_and_unload().eval()
-        out["forward"]["merged"] = self._measure(self._forward(merged))
         out["copy_kernels"] = self._copy_kernels()
-        out["trainable_params"] = {
-            v: self._peft_model(v).get_nb_trainable_parameters()[0] for v in specs.VARIANTS
-        }
         return out
 
     def _wrap(self, model: Any, variant: str) -> Any:
@@ -127,8 +142,8 @@ class TorchSuite:
 
         return peft.get_peft_model(model, self._config(variant))
 
-    def _train(self, model: Any, trainable: list[Any]) -> dict[str, float]:
-        """Loss, backward through the model, AdamW on `trainable` only (the rest is frozen)."""
+    def _train_step(self, model: Any, trainable: list[Any]) -> Callable[[], Any]:
+        """One step: loss, backward through the model, AdamW on `trainable` only (the rest is frozen)."""
         model.train()
         opt = self.torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
 
@@ -139,9 +154,7 @@ class TorchSuite:
             opt.step()
             return loss.detach()
 
-        result = self._measure(run)
-        model.eval()
-        return result
+        return run
 
     def _copy_kernels(self) -> dict[str, float]:
         """Reference for merge_and_unload: a copy of the same target weights."""
@@ -152,7 +165,9 @@ class TorchSuite:
             with self.torch.no_grad():
                 return [w.clone() for w in weights]
 
-        return self._measure(run)
+        rounds = self._rounds()
+        rounds.add("copy", lambda: run)
+        return rounds.run(self.settings.repeats)["copy"]
 
 
 if __name__ == "__main__":
