@@ -37,11 +37,6 @@ def module_key(path: Path) -> str:
     return ".".join(path)
 
 
-def module_path(key: str) -> Path:
-    """The inverse of `module_key`."""
-    return tuple(key.split("."))
-
-
 def adapter_key(path: Path, *names: str) -> str:
     """The key of a tensor in a PEFT adapter file, e.g. `adapter_key(path, "miss_block")`."""
     return PREFIX + ".".join(path + names)

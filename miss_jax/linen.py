@@ -229,7 +229,7 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
             x = args[0]
             out = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
             out = out.reshape(*x.shape[:-1], out.shape[-1])
-        if context.method_name != "__call__" or not terms:
+        if context.method_name != "__call__" or not terms or not args:
             return out
         entries = terms.get(context.module.path)
         if not entries:
@@ -283,11 +283,12 @@ def merge(
 ) -> dict:
     """Params with adapters `names` merged in (`sign=1`, in `merge_order`) or taken out (`sign=-1`).
 
-    Unmerging takes `names` in the order they were merged and undoes them last-first (bat exactly,
-    through the inverse). Float32 maths, cast back to each kernel's dtype.
+    Unmerging undoes the same `merge_order` last-first (bat exactly, through the inverse), so the
+    `names` that merged also unmerge. Float32 maths, cast back to each kernel's dtype.
     """
     flat = _flat(params)
-    order = merge_order(plan, names) if sign > 0 else tuple(reversed(names))
+    order = merge_order(plan, names)
+    order = order if sign > 0 else order[::-1]
     for spec in (plan.spec(n) for n in order):
         for layer in spec.layers:
             k = layer.path + ("kernel",)

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
@@ -126,6 +127,11 @@ class MissModel:
             raise ValueError(f"Adapter names are non-empty strings, got {adapter_name!r}.")
         if adapter_name in self._specs:
             raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
+        if adapter_name.startswith(".") or os.sep in adapter_name or (os.altsep or os.sep) in adapter_name:
+            raise ValueError(
+                f"Adapter name {adapter_name!r} cannot hold a path separator or start with '.': save_pretrained "
+                "writes each adapter into a sub-folder named after it."
+            )
         if adapter_name in ("miss", "modules_to_save", "bias", "base_model"):
             raise ValueError(f"Adapter name {adapter_name!r} is reserved; choose another name.")
         config = resolve_targets(config, self.layers, self.model_type)
@@ -201,23 +207,28 @@ class MissModel:
             return
         self._require_weights(todo)
         plan = self.plan
-        new = self._merged(todo, 1)
+        merged = tuple(self.merged_adapters)
+        order = linen.merge_order(plan, merged + todo)
+        params = self.params
+        if order[: len(merged)] != merged:  # a bat adapter joins merged balance/mini ones: redo in merge order
+            params, todo = self._merged(params, merged, -1), order
+        new = self._merged(params, todo, 1)
         if safe_merge:
             linen.check_finite(new, plan, todo)
         self.params = new
-        self.merged_adapters.extend(linen.merge_order(plan, todo))
+        self.merged_adapters = list(order)
 
     def unmerge_adapter(self) -> None:
         """Takes every merged adapter out of the base params (bat exactly, through the inverse)."""
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.params = self._merged(tuple(self.merged_adapters), -1)
+        self.params = self._merged(self.params, tuple(self.merged_adapters), -1)
         self.merged_adapters = []
 
-    def _merged(self, names: tuple[str, ...], sign: int) -> dict:
-        """The params with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass."""
-        params = jax.tree_util.tree_map(jnp.asarray, self.params)
+    def _merged(self, params: Mapping, names: tuple[str, ...], sign: int) -> dict:
+        """`params` with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass."""
+        params = jax.tree_util.tree_map(jnp.asarray, params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         shardings = tuple(x.sharding if len(x.sharding.device_set) > 1 else None for x in leaves)
         blocks = {"miss": {n: self.adapter_params["miss"][n] for n in names}}

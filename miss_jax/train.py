@@ -59,11 +59,14 @@ def classification_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Arr
 
 
 def causal_lm_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Next-token cross-entropy: `outputs.logits` `(B, T, V)` predicts `batch["input_ids"]` shifted by one,
-    masked by `batch["attention_mask"]` when present."""
-    labels = batch.get("labels", batch["input_ids"])[:, 1:]
-    mask = batch.get("attention_mask")
-    return cross_entropy(outputs.logits[:, :-1], labels, None if mask is None else mask[:, 1:])
+    """Next-token cross-entropy: `outputs.logits` `(B, T, V)` predicts `batch["labels"]` (default
+    `batch["input_ids"]`) shifted by one, masked by `batch["attention_mask"]` when present; label -100
+    is ignored, as in transformers."""
+    labels = (batch["labels"] if "labels" in batch else batch["input_ids"])[:, 1:]
+    mask = labels >= 0
+    if "attention_mask" in batch:
+        mask = mask & (batch["attention_mask"][:, 1:] > 0)
+    return cross_entropy(outputs.logits[:, :-1], jnp.where(mask, labels, 0), mask)
 
 
 def model_inputs(peft_model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:

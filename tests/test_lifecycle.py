@@ -376,3 +376,30 @@ def test_merge_and_unload_of_a_do_init_false_model_returns_params():
     plain, merged = pm.merge_and_unload(return_params=True)
     assert plain is model
     np.testing.assert_allclose(np.asarray(plain(**tm.inputs("llama"), params=merged).logits), adapted, atol=1e-5)
+
+
+def test_bat_merged_after_balance_on_the_same_layer_still_equals_the_unmerged_forward():
+    """Merging balance, then (in a later call) bat on the same layers redoes the merge in merge order,
+    so merged == unmerged; disable_adapter restores exactly that state."""
+    pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, init_weights=False, target_modules=["q_proj"]), "bal")
+    pm.add_adapter("bat", MissConfig(r=4, init_weights="bat", target_modules=["q_proj"]))
+    pm.adapter_params["miss"]["bat"] = jax.tree_util.tree_map(lambda b: b + 0.05, pm.adapter_params["miss"]["bat"])
+    pm.set_adapter(["bal", "bat"])
+    unmerged = np.asarray(pm(**tm.inputs("llama")).logits)
+    pm.merge_adapter(["bal"])
+    pm.merge_adapter(["bat"])
+    assert pm.merged_adapters == ["bat", "bal"]
+    np.testing.assert_allclose(np.asarray(pm(**tm.inputs("llama")).logits), unmerged, atol=1e-5)
+    before = jax.tree_util.tree_map(np.asarray, pm.params)
+    with pm.disable_adapter():
+        pass
+    assert pm.merged_adapters == ["bat", "bal"]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), before, pm.params)
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden"])
+def test_adapter_names_that_would_escape_the_save_folder_are_refused(name):
+    pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="path separator"):
+        pm.add_adapter(name, MissConfig(r=4, target_modules=["q_proj"]))
+    assert list(pm.peft_config) == ["default"]

@@ -115,3 +115,14 @@ def test_restore_from_an_empty_folder_is_a_clear_error(llama, tmp_path):
     _, pm = llama
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         T.restore_checkpoint(str(tmp_path), T.create_train_state(pm, optax.sgd(0.1)))
+
+
+def test_causal_lm_loss_ignores_minus_100_labels():
+    """transformers' convention: label -100 takes no part in the loss."""
+    logits = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 5))
+    ids = jnp.array([[1, 2, 3, 4]])
+    out = type("Out", (), {"logits": logits})()
+    masked = T.causal_lm_loss(out, {"input_ids": ids, "labels": jnp.array([[1, 2, -100, 4]])})
+    expected = T.cross_entropy(logits[:, [0, 2]], jnp.array([[2, 4]]))
+    assert abs(float(masked) - float(expected)) < 1e-6
+    assert abs(float(T.causal_lm_loss(out, {"input_ids": ids})) - float(masked)) > 1e-4
