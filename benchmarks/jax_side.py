@@ -113,6 +113,7 @@ class JaxSuite:
         self.loss_fn = classification_loss if spec.task == "classification" else causal_lm_loss
         self.tx = optax.adamw(1e-4, weight_decay=0.01)
         self.memory = timing.Memory(*self._device_memory_hooks())
+        self.baseline: dict[str, float] = {}  # memory with the base model only, set by `run`
         model = self.model
         self.forward = jax.jit(lambda params, inputs: model(**inputs, params=params).logits)
 
@@ -145,6 +146,19 @@ class JaxSuite:
                 allow_pickle=False)
         self.baseline = self.memory.current()  # the base model, loaded and compiled
         models = {v: self._miss_model(v) for v in specs.VARIANTS}
+        out["forward"] = self._forward_cases(models)
+        out["train"] = self._train_cases(models, out["compiles"])
+        for variant, pm in models.items():
+            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
+        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
+        del models
+        out["create"] = {v: self._create(v) for v in specs.VARIANTS}
+        out["merge_and_unload"] = {v: self._merge(v) for v in specs.VARIANTS}
+        out["copy_kernels"] = self._copy_kernels()
+        return out
+
+    def _forward_cases(self, models: dict[str, Any]) -> dict[str, dict]:
+        """Base, each MiSS variant (unmerged) and the merged balance model, timed in rounds."""
         forward = self._rounds()
         forward.add("base", lambda: lambda: self.forward(self.base, self.model_inputs))
         for variant, pm in models.items():
@@ -152,24 +166,19 @@ class JaxSuite:
         merged = self._miss_model("balance").merge_and_unload().params
         self.model.params = self.base
         forward.add("merged", lambda: lambda: self.forward(merged, self.model_inputs))
-        out["forward"] = forward.run(self.settings.repeats)
-        del forward, merged
+        return forward.run(self.settings.repeats)
+
+    def _train_cases(self, models: dict[str, Any], compiles: dict[str, int]) -> dict[str, dict]:
+        """A train step of each MiSS variant and of full fine-tuning, timed in rounds, with HLO facts."""
         train = self._rounds()
         steps = {v: self._train_miss(pm) for v, pm in models.items()}
         steps["full"] = self._train_full()
         for case, (run, _, _) in steps.items():
             train.add(case, lambda run=run: run)
-        out["train"] = train.run(self.settings.repeats)
+        out = train.run(self.settings.repeats)
         for case, (_, step, facts) in steps.items():
-            out["train"][case]["hlo"] = facts()
-            out["compiles"][f"train/{case}"] = _compiles(step)
-        for variant, pm in models.items():
-            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
-        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
-        del train, steps, models
-        out["create"] = {v: self._create(v) for v in specs.VARIANTS}
-        out["merge_and_unload"] = {v: self._merge(v) for v in specs.VARIANTS}
-        out["copy_kernels"] = self._copy_kernels()
+            out[case]["hlo"] = facts()
+            compiles[f"train/{case}"] = _compiles(step)
         return out
 
     def _train_miss(self, pm: Any) -> tuple[Callable[[], Any], Any, Callable[[], dict]]:
@@ -235,7 +244,8 @@ class JaxSuite:
         def create(_: Any) -> Any:
             return self._miss_model(variant).adapter_params
 
-        return timing.measure_fresh(lambda: None, create, self._sync, self.settings.repeats, self.memory)
+        return timing.measure_fresh(lambda: None, create, self._sync, self.settings.repeats, self.memory,
+                                    self.baseline)
 
     def _merge(self, variant: str) -> dict[str, float]:
         def setup() -> Any:
@@ -244,18 +254,18 @@ class JaxSuite:
             return pm
 
         result = timing.measure_fresh(setup, lambda pm: pm.merge_and_unload().params, self._sync,
-                                      self.settings.repeats, self.memory)
+                                      self.settings.repeats, self.memory, self.baseline)
         self.model.params = self.base
         return result
 
     def _copy_kernels(self) -> dict[str, float]:
-        """Reference for merge_and_unload: a jitted copy of the same kernels (one pass over them)."""
+        """Reference for merge_and_unload: a jitted copy of the same kernels (one pass over them), measured
+        like the merges (fresh memory each run)."""
         pm = self._miss_model("balance")
         kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm.plan.spec("default").layers]
         copy = self.jax.jit(lambda ks: [self.jnp.copy(k) for k in ks])
-        rounds = self._rounds()
-        rounds.add("copy", lambda: lambda: copy(kernels))
-        return rounds.run(self.settings.repeats)["copy"]
+        return timing.measure_fresh(lambda: None, lambda _: copy(kernels), self._sync, self.settings.repeats,
+                                    self.memory, self.baseline)
 
     @staticmethod
     def _get(tree: Any, path: tuple[str, ...]) -> Any:

@@ -1,7 +1,7 @@
 """Writes the benchmark's weights once, for both frameworks: `<workdir>/<model>/flax` (msgpack) and
-`<workdir>/<model>/torch` (safetensors), the same random weights (torch init, seed 0, converted by
-transformers' own `from_pt=True`; its `from_flax=True` leaves the weights on the meta device in 4.57). Run as its own process so that neither timed side imports the
-other framework.
+`<workdir>/<model>/torch` (safetensors), the same random weights: torch init (seed 0), converted by
+transformers' own `from_pt=True` (its `from_flax=True` leaves the weights on the meta device in 4.57).
+Run as its own process so that neither timed side imports the other framework.
 
     python benchmarks/prepare.py SETTINGS_JSON
 """

@@ -94,7 +94,8 @@ def run_step(python: str, script: str, args: list[str], env: dict[str, str]) -> 
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise RuntimeError(
+            f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return time.perf_counter() - t
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import statistics
 import time
@@ -72,13 +73,17 @@ class Memory:
                  device_peak: Optional[Callable[[], float]] = None,
                  device_reset: Optional[Callable[[], None]] = None) -> None:
         self._current, self._peak, self._reset = device_current, device_peak, device_reset
+        # Objects alive now (frameworks, the base model) are left out of later collections, which keeps
+        # the collection before each reading cheap.
+        gc.freeze()
 
     @property
     def has_device(self) -> bool:
         return self._current is not None
 
     def current(self) -> dict[str, float]:
-        """Memory in use now (after returning freed heap pages to the OS)."""
+        """Memory in use now (after collecting garbage and returning freed heap pages to the OS)."""
+        gc.collect()
         trim_heap()
         return {"rss": rss_mb(), **({"device": self._current()} if self._current else {})}
 
@@ -169,13 +174,13 @@ def measure_fresh(
     sync: Callable[[Any], Any],
     repeats: int,
     memory: Memory,
+    start: dict[str, float],
 ) -> dict[str, float]:
     """Times `sync(fn(setup()))` with a fresh, untimed `setup()` each run (one-shot operations such as
-    adapter creation or merge_and_unload). The first run is reported as `first_s` and not counted; the
-    peak is the process's highest resident memory during a timed `fn`, `transient_mb` its excess over
-    the memory resident just before."""
+    adapter creation or merge_and_unload). The first run is reported as `first_s` and not counted.
+    `transient_mb` is the high-water mark of a timed `fn` above the memory resident just before it (the
+    largest over the runs); `peak_rss_mb` adds it to `start`, the process holding the base model only."""
     walls, cpus, first = [], [], 0.0
-    peak: dict[str, float] = {}
     transient: dict[str, float] = {}
     for i in range(repeats + 1):
         obj = setup()
@@ -192,12 +197,11 @@ def measure_fresh(
         walls.append(wall)
         cpus.append(cpu)
         for k in now:
-            peak[k] = max(peak.get(k, 0.0), now[k])
             transient[k] = max(transient.get(k, 0.0), now[k] - before[k])
     out = {**_stats(walls, cpus), "first_s": first, "transient_mb": round(transient["rss"], 1),
-           "peak_rss_mb": round(peak["rss"], 1)}
-    if "device" in peak:
-        out["peak_device_mb"] = round(peak["device"], 1)
+           "peak_rss_mb": round(start["rss"] + transient["rss"], 1)}
+    if "device" in transient:
+        out["peak_device_mb"] = round(start["device"] + transient["device"], 1)
     return out
 
 

@@ -66,6 +66,7 @@ class TorchSuite:
                                         torch.cuda.reset_peak_memory_stats)
         else:
             self.memory = timing.Memory()
+        self.baseline: dict[str, float] = {}  # memory with the base model only, set by `run`
 
     def _sync(self, x: Any) -> Any:
         if self.device == "cuda":
@@ -100,10 +101,27 @@ class TorchSuite:
         np.save(os.path.join(self.settings.workdir, self.spec.name, "torch_logits.npy"), logits, allow_pickle=False)
         out["attn_implementation"] = self.model.config._attn_implementation
         self.baseline = self.memory.current()  # the base model, loaded and run once
+        models: dict[str, Any] = {}
+        out["forward"] = self._forward_cases(models)
+        out["train"] = self._train_cases(models)
+        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
+        del models
+        out["create"], out["merge_and_unload"] = {}, {}
+        for variant in specs.VARIANTS:
+            out["create"][variant] = timing.measure_fresh(
+                lambda: copy.deepcopy(self.model), lambda m: self._wrap(m, variant), self._sync,
+                self.settings.repeats, self.memory, self.baseline)
+            out["merge_and_unload"][variant] = timing.measure_fresh(
+                lambda: self._peft_model(variant), lambda pm: pm.merge_and_unload(), self._sync,
+                self.settings.repeats, self.memory, self.baseline)
+        out["copy_kernels"] = self._copy_kernels()
+        return out
+
+    def _forward_cases(self, models: dict[str, Any]) -> dict[str, dict]:
+        """Base, each MiSS variant (unmerged; kept in `models`) and the merged balance model, in rounds."""
+        forward = self._rounds()
         # The deep copies stand for the one model a user has: made outside the cases' memory.
         copies = {v: copy.deepcopy(self.model) for v in (*specs.VARIANTS, "merged")}
-        models: dict[str, Any] = {}
-        forward = self._rounds()
         forward.add("base", lambda: self._forward(self.model))
         for variant in specs.VARIANTS:
             def build(variant: str = variant) -> Callable[[], Any]:
@@ -112,8 +130,10 @@ class TorchSuite:
 
             forward.add(variant, build)
         forward.add("merged", lambda: self._forward(self._wrap(copies.pop("merged"), "balance").merge_and_unload()))
-        out["forward"] = forward.run(self.settings.repeats)
-        del forward
+        return forward.run(self.settings.repeats)
+
+    def _train_cases(self, models: dict[str, Any]) -> dict[str, dict]:
+        """A train step of each MiSS variant and of full fine-tuning, in rounds."""
         train = self._rounds()
         for variant, pm in models.items():
             train.add(variant, lambda pm=pm: self._train_step(pm, [p for p in pm.parameters() if p.requires_grad]))
@@ -123,19 +143,7 @@ class TorchSuite:
             return self._train_step(full, list(full.parameters()))
 
         train.add("full", build_full)
-        out["train"] = train.run(self.settings.repeats)
-        out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
-        del train, models
-        out["create"], out["merge_and_unload"] = {}, {}
-        for variant in specs.VARIANTS:
-            out["create"][variant] = timing.measure_fresh(
-                lambda: copy.deepcopy(self.model), lambda m: self._wrap(m, variant), self._sync,
-                self.settings.repeats, self.memory)
-            out["merge_and_unload"][variant] = timing.measure_fresh(
-                lambda: self._peft_model(variant), lambda pm: pm.merge_and_unload(), self._sync,
-                self.settings.repeats, self.memory)
-        out["copy_kernels"] = self._copy_kernels()
-        return out
+        return train.run(self.settings.repeats)
 
     def _wrap(self, model: Any, variant: str) -> Any:
         import peft
@@ -165,9 +173,8 @@ class TorchSuite:
             with self.torch.no_grad():
                 return [w.clone() for w in weights]
 
-        rounds = self._rounds()
-        rounds.add("copy", lambda: run)
-        return rounds.run(self.settings.repeats)["copy"]
+        return timing.measure_fresh(lambda: None, lambda _: run(), self._sync, self.settings.repeats,
+                                    self.memory, self.baseline)
 
 
 if __name__ == "__main__":
