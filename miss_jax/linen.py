@@ -98,6 +98,21 @@ def _nest(flat: dict[Path, Any]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def replace_leaves(tree: Mapping, leaves: Mapping[Path, Any]) -> dict:
+    """A copy of `tree` with the leaf at each path of `leaves` replaced; only the dicts on those paths
+    are copied, every other subtree is shared."""
+    out = dict(tree)
+    heads: dict[str, dict[Path, Any]] = {}
+    for path, leaf in leaves.items():
+        if len(path) == 1:
+            out[path[0]] = leaf
+        else:
+            heads.setdefault(path[0], {})[path[1:]] = leaf
+    for head, sub in heads.items():
+        out[head] = replace_leaves(tree[head], sub)
+    return out
+
+
 def block_of(adapter_params: Mapping, name: str, layer: Layer) -> jax.Array:
     """The `miss_block` of adapter `name` on `layer`."""
     try:

@@ -22,7 +22,7 @@ from flax.core import unfreeze
 
 from . import linen
 from .config import MissConfig
-from .linen import AdapterSpec, Plan, _flat, _nest
+from .linen import AdapterSpec, Path, Plan, _flat, _nest
 from .targeting import Layer, discover, resolve_targets, select
 
 PyTree = Any
@@ -41,15 +41,34 @@ def _abstract_leaves(tree: PyTree) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, treedef: Any, shardings: tuple) -> Callable:
-    """`linen.merge` jitted for one (plan, names, sign); each param sharded over a mesh (`shardings`
-    entry not None) keeps that sharding, so a sharded model is merged shard by shard, never gathered."""
+def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, paths: tuple[Path, ...], shardings: tuple) -> Callable:
+    """`linen.merge` of the kernels at `paths` (module paths), jitted for one (plan, names, sign): only the
+    merged kernels go through the program. A kernel sharded over a mesh (`shardings` entry not None)
+    keeps that sharding, so a sharded model is merged shard by shard, never gathered."""
 
-    def merged(params: Mapping, adapter_params: Mapping) -> list:
-        leaves = treedef.flatten_up_to(linen.merge(plan, params, adapter_params, names, sign))
-        return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+    def merged(kernels: list, adapter_params: Mapping) -> list:
+        tree = _nest({path + ("kernel",): k for path, k in zip(paths, kernels)})
+        out = _flat(linen.merge(plan, tree, adapter_params, names, sign))
+        new = [out[path + ("kernel",)] for path in paths]
+        return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(new, shardings)]
 
     return jax.jit(merged)
+
+
+_LAYERS: dict[tuple, dict[str, Layer]] = {}
+_LAYERS_KEPT = 16
+
+
+def _model_layers(model: Any) -> dict[str, Layer]:
+    """Every layer of a transformers Flax model, `{key: Layer}`, from its own init traced abstractly
+    (nothing is computed). Cached per model class, module attributes (config, dtype, ...) and input
+    shape, so adapting more models of one configuration traces once."""
+    key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
+    if key not in _LAYERS:
+        if len(_LAYERS) >= _LAYERS_KEPT:
+            _LAYERS.pop(next(iter(_LAYERS)))
+        _LAYERS[key] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+    return dict(_LAYERS[key])
 
 
 class MissModel:
@@ -83,8 +102,7 @@ class MissModel:
         self.base_model = model
         self.params: dict = unfreeze(params)
         self.model_type: Optional[str] = getattr(getattr(model, "config", None), "model_type", None)
-        # transformers' own init, traced abstractly, shows every layer (nothing is computed).
-        self.layers: dict[str, Layer] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+        self.layers: dict[str, Layer] = _model_layers(model)
         self.peft_config: dict[str, MissConfig] = {}
         self.adapter_params: dict = {"miss": {}, "modules_to_save": {}, "bias": {}}
         self._specs: dict[str, AdapterSpec] = {}
@@ -227,12 +245,14 @@ class MissModel:
         self.merged_adapters = []
 
     def _merged(self, params: Mapping, names: tuple[str, ...], sign: int) -> dict:
-        """`params` with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass."""
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        shardings = tuple(x.sharding if len(x.sharding.device_set) > 1 else None for x in leaves)
+        """`params` with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass
+        over the adapted kernels; every other param is shared with `params`, not copied."""
+        paths = tuple(sorted({layer.path for n in names for layer in self.plan.spec(n).layers}))
+        kernels = [jnp.asarray(linen._get(params, path)["kernel"]) for path in paths]
+        shardings = tuple(k.sharding if len(k.sharding.device_set) > 1 else None for k in kernels)
         blocks = {"miss": {n: self.adapter_params["miss"][n] for n in names}}
-        return jax.tree_util.tree_unflatten(treedef, _merge_fn(self.plan, names, sign, treedef, shardings)(params, blocks))
+        new = _merge_fn(self.plan, names, sign, paths, shardings)(kernels, blocks)
+        return linen.replace_leaves(params, {path + ("kernel",): k for path, k in zip(paths, new)})
 
     def _unloaded_params(self) -> dict:
         plan = dataclasses.replace(self.plan, active=())

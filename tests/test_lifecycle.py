@@ -403,3 +403,43 @@ def test_adapter_names_that_would_escape_the_save_folder_are_refused(name):
     with pytest.raises(ValueError, match="path separator"):
         pm.add_adapter(name, MissConfig(r=4, target_modules=["q_proj"]))
     assert list(pm.peft_config) == ["default"]
+
+
+def test_merge_passes_only_adapted_kernels_and_shares_the_rest() -> None:
+    model = llama_model()
+    before = model.params
+    model.merge_adapter(["a"])
+    after = model.params
+    flat_before, flat_after = traverse_util.flatten_dict(before), traverse_util.flatten_dict(after)
+    adapted = {layer.path + ("kernel",) for layer in model._specs["a"].layers}
+    assert set(flat_after) == set(flat_before)
+    for path, leaf in flat_after.items():
+        if path in adapted:
+            assert leaf is not flat_before[path] and not np.allclose(leaf, flat_before[path])
+        else:
+            assert leaf is flat_before[path], path  # shared, not copied
+    model.unmerge_adapter()
+    assert_trees_close(model.params, before, atol=1e-6)
+
+
+def test_layers_are_traced_once_per_model_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from miss_jax import model as model_module
+
+    traced: list[int] = []
+    real = model_module.discover
+
+    def counting(init_fn: Callable[[], Any]) -> Any:
+        traced.append(1)
+        return real(init_fn)
+
+    monkeypatch.setattr(model_module, "discover", counting)
+    monkeypatch.setattr(model_module, "_LAYERS", {})
+    config = MissConfig(r=4, target_modules=QV)
+    first = get_peft_model(tm.flax_model.__wrapped__("llama"), config)
+    second = get_peft_model(tm.flax_model.__wrapped__("llama", seed=1), config)
+    assert len(traced) == 1 and first.layers == second.layers
+    deeper_config = tm.config("llama")
+    deeper_config.num_hidden_layers += 1
+    deeper = get_peft_model(type(tm.flax_model("llama"))(deeper_config, seed=0), config)
+    assert len(traced) == 2
+    assert len(deeper.plan.spec("default").layers) == len(first.plan.spec("default").layers) + 2
