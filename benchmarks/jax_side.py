@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import specs
 import timing
@@ -147,6 +147,7 @@ class JaxSuite:
         self.baseline = self.memory.current()  # the base model, loaded and compiled
         models = {v: self._miss_model(v) for v in specs.VARIANTS}
         out["forward"] = self._forward_cases(models)
+        out["flops"] = self._forward_flops(models)
         out["train"] = self._train_cases(models, out["compiles"])
         for variant, pm in models.items():
             out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
@@ -167,6 +168,22 @@ class JaxSuite:
         self.model.params = self.base
         forward.add("merged", lambda: lambda: self.forward(merged, self.model_inputs))
         return forward.run(self.settings.repeats)
+
+    def _forward_flops(self, models: dict[str, Any]) -> dict[str, Optional[float]]:
+        """XLA's count of floating-point operations in each compiled forward (`cost_analysis`): the work
+        the adapter adds, whatever the machine (None where the backend gives no count)."""
+
+        def flops(fn: Callable[..., Any], *args: Any) -> Optional[float]:
+            cost = self.jax.jit(fn).lower(*args).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            return float(cost["flops"]) if cost and "flops" in cost else None
+
+        inputs, model = self.model_inputs, self.model
+        out = {"base": flops(lambda p: model(**inputs, params=p).logits, self.base)}
+        for variant, pm in models.items():
+            apply = pm.apply_fn()
+            out[variant] = flops(lambda p, a, apply=apply: apply(p, a, **inputs).logits, pm.params, pm.adapter_params)
+        return out
 
     def _train_cases(self, models: dict[str, Any], compiles: dict[str, int]) -> dict[str, dict]:
         """A train step of each MiSS variant and of full fine-tuning, timed in rounds, with HLO facts."""

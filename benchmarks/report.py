@@ -87,12 +87,21 @@ def ratios(jax_model: Optional[dict[str, Any]], torch_model: Optional[dict[str, 
     return out
 
 
-def targets(model_ratios: dict[str, dict]) -> dict[str, dict]:
-    """The issue's targets checked on one model's ratios (from medians)."""
+def flop_ratios(jax_model: Optional[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Per MiSS forward `forward/<variant>`: XLA's FLOP count over the base forward's, the ratio that
+    the adapter's extra arithmetic alone would give (a floor for MiSS/base without a dense delta)."""
+    flops = (jax_model or {}).get("flops") or {}
+    return {f"forward/{v}": _div(f, flops.get("base")) for v, f in flops.items() if v != "base"}
+
+
+def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[float]]] = None) -> dict[str, dict]:
+    """The issue's targets checked on one model's ratios (from medians); forward targets also carry
+    `flop_ratio` (see `flop_ratios`)."""
     out = {}
     for name, (key, ratio, bound) in TARGETS.items():
         value = model_ratios.get(key, {}).get(f"{ratio}_median")
-        out[name] = {"ratio": value, "bound": bound, "met": None if value is None else value <= bound}
+        out[name] = {"ratio": value, "bound": bound, "met": None if value is None else value <= bound,
+                     "flop_ratio": (flops or {}).get(key)}
     return out
 
 
@@ -132,8 +141,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, "
                   "merge_and_unload over copy_kernels (a copy of the same kernels).", ""]
         if model.get("targets"):
-            lines += ["| target | ratio | bound | met |", "|---|---:|---:|---|"]
+            lines += ["| target | ratio | bound | met | XLA FLOP ratio |", "|---|---:|---:|---|---:|"]
             for tname, tv in model["targets"].items():
-                lines.append(f"| {tname} | {_num(tv['ratio'])} | {tv['bound']} | {tv['met']} |")
-            lines.append("")
+                lines.append(f"| {tname} | {_num(tv['ratio'])} | {tv['bound']} | {tv['met']} | "
+                             f"{_num(tv.get('flop_ratio'))} |")
+            lines += ["", "XLA FLOP ratio: floating-point operations of the compiled MiSS forward over the base "
+                      "forward's (XLA's cost analysis), the cost of the adapter's arithmetic alone.", ""]
     return "\n".join(lines) + "\n"

@@ -132,12 +132,13 @@ def combine(settings: specs.Settings, sides: dict[str, dict], step_times: dict[s
     for spec in settings.models:
         jm = sides.get("jax", {}).get("models", {}).get(spec.name)
         tm = sides.get("torch", {}).get("models", {}).get(spec.name)
-        r = report.ratios(jm, tm)
+        r, flops = report.ratios(jm, tm), report.flop_ratios(jm)
         models[spec.name] = {
             "spec": {"batch": spec.batch, "seq": spec.seq, "targets": list(spec.targets), "config": spec.config,
                      "torch_attn_implementation": (tm or {}).get("attn_implementation")},
             "same_weights_max_abs_diff": same_weights(settings.workdir, spec.name),
-            "jax": jm, "torch": tm, "ratios": r, "targets": report.targets(r),
+            "jax": jm, "torch": tm, "ratios": r, "flop_ratios": flops,
+            "targets": report.targets(r, flops),
         }
     return {"meta": meta, "models": models}
 

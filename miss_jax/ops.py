@@ -54,6 +54,8 @@ def expand_mini(block: Array, out_features: int) -> Array:
 
 def fold_input(x: Array, r: int) -> Array:
     """`x` `(..., in)` -> `(..., r)`: zero-pad `in` to `n*r`, view as `(..., n, r)`, sum over `n`."""
+    if r == 1:
+        return x.sum(axis=-1, keepdims=True)
     n = -(-x.shape[-1] // r)
     pad = n * r - x.shape[-1]
     if pad:
@@ -133,14 +135,34 @@ def merge_balance(kernel: Array, block: Array, layout: Layout = "flax", sign: fl
     return _cast_like(kernel.astype(jnp.float32) + sign * delta, kernel)
 
 
-def _bat_blocks(weight: Array, r: int) -> Array:
-    """Torch-layout `(out, in)` -> `(out//r, r, in//r, r)`: `[a, i, c, j] = W[a*r + i, c*r + j]`."""
-    out_features, in_features = weight.shape
+def _flax(kernel: Array, layout: Layout) -> Array:
+    """The kernel in flax layout `(in, out)`."""
+    return to_torch(kernel, layout).T
+
+
+def _bat_blocks(kernel: Array, r: int) -> Array:
+    """Flax-layout `(in, out)` -> `(in//r, r, out//r, r)`: `[c, j, a, i] = K[c*r + j, a*r + i] = W[a*r + i, c*r + j]`.
+
+    Block `[c, :, a, :]` is `W[a, c]` transposed. The bat maths runs on this view of the kernel: its
+    products are batched over `a` with `c` and `i` as free axes, which XLA runs faster than the
+    torch-layout view (whose blocks it would first transpose).
+    """
+    in_features, out_features = kernel.shape
     if out_features % r or in_features % r:
         raise ValueError(
             f"bat needs in_features ({in_features}) and out_features ({out_features}) divisible by r ({r})."
         )
-    return weight.reshape(out_features // r, r, in_features // r, r)
+    return kernel.reshape(in_features // r, r, out_features // r, r)
+
+
+def _bat_left(m: Array, blocks: Array) -> Array:
+    """`[c, k, a, i] = sum_j m[a, j, k] blocks[c, j, a, i]`: each `W[a, c] @ m[a]`, in the flax view."""
+    return jnp.einsum("ajk,cjai->ckai", m, blocks)
+
+
+def _bat_bias(block: Array) -> Array:
+    """`B[a]` broadcast over `c` in the flax view: `[j, a, i] = B[a, i, j]`."""
+    return jnp.transpose(block, (2, 0, 1))
 
 
 def bat_kernel(kernel: Array, block: Array, layout: Layout = "flax") -> Array:
@@ -149,22 +171,21 @@ def bat_kernel(kernel: Array, block: Array, layout: Layout = "flax") -> Array:
     `block` is `(out // r, r, r)`. Computed in float32, returned in the kernel's dtype and layout.
     Differentiable in both arguments; this is both the bat forward's weight and its merge.
     """
-    w = to_torch(kernel, layout).astype(jnp.float32)
+    k = _flax(kernel, layout).astype(jnp.float32)
     b = block.astype(jnp.float32)
-    wb = _bat_blocks(w, b.shape[-1])
-    out = wb + jnp.einsum("aicj,ajk->aick", wb, b) + b[:, :, None, :]
-    return _cast_like(from_torch(out.reshape(w.shape), layout), kernel)
+    kb = _bat_blocks(k, b.shape[-1])
+    out = (kb + _bat_left(b, kb) + _bat_bias(b)).reshape(k.shape)
+    return _cast_like(from_torch(out.T, layout), kernel)
 
 
 def bat_unmerge(kernel: Array, block: Array, layout: Layout = "flax") -> Array:
     """Inverse of `bat_kernel`: `W[a, c] = (W'[a, c] - B[a]) @ inv(I + B[a])`, inverse in float32."""
-    w = to_torch(kernel, layout).astype(jnp.float32)
+    k = _flax(kernel, layout).astype(jnp.float32)
     b = block.astype(jnp.float32)
     r = b.shape[-1]
     inv = jnp.linalg.inv(jnp.eye(r, dtype=jnp.float32) + b)
-    wb = _bat_blocks(w, r)
-    out = jnp.einsum("aicj,ajk->aick", wb - b[:, :, None, :], inv)
-    return _cast_like(from_torch(out.reshape(w.shape), layout), kernel)
+    out = _bat_left(inv, _bat_blocks(k, r) - _bat_bias(b)).reshape(k.shape)
+    return _cast_like(from_torch(out.T, layout), kernel)
 
 
 def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:

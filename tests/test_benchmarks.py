@@ -112,6 +112,13 @@ def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], st
         assert ratios["forward/balance"]["jax_miss_over_base_median"] == round(
             jm["forward"]["balance"]["median_s"] / base, 3)
         assert set(model["targets"]) and all(t["ratio"] is not None for t in model["targets"].values())
+        # XLA's FLOP counts: every MiSS forward does more arithmetic than the base forward.
+        flops = jm["flops"]
+        for variant in ("balance", "mini", "bat"):
+            assert flops[variant] > flops["base"] > 0, (name, flops)
+            assert model["flop_ratios"][f"forward/{variant}"] == round(flops[variant] / flops["base"], 3)
+        assert model["targets"]["MiSS forward / base forward (balance)"]["flop_ratio"] == model["flop_ratios"][
+            "forward/balance"]
     table = open(os.path.splitext(out)[0] + ".md").read()
     for row in ("forward/base", "train/full", "create/bat", "merge_and_unload/balance", "copy_kernels"):
         assert f"| {row} |" in table
