@@ -144,7 +144,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines += ["| target | ratio | bound | met | XLA FLOP ratio |", "|---|---:|---:|---|---:|"]
             for tname, tv in model["targets"].items():
                 lines.append(f"| {tname} | {_num(tv['ratio'])} | {tv['bound']} | {tv['met']} | "
-                             f"{_num(tv.get('flop_ratio'))} |")
+                             f"{'-' if tv.get('flop_ratio') is None else format(tv['flop_ratio'], '.3f')} |")
             lines += ["", "XLA FLOP ratio: floating-point operations of the compiled MiSS forward over the base "
                       "forward's (XLA's cost analysis), the cost of the adapter's arithmetic alone.", ""]
     return "\n".join(lines) + "\n"

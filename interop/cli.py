@@ -21,8 +21,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-CHECKPOINT_FORMAT = "miss-jax-train-state/1"
-
 _EXAMPLES = {
     "check": ["miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4"],
     "convert": [
@@ -143,8 +141,10 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
     meta, state = restored["meta"], restored["state"]
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ckpt_dir!r} is not a miss-jax training checkpoint (no {CHECKPOINT_FORMAT!r} metadata).")
+    if not isinstance(meta, dict) or meta.get("format") != train.CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{ckpt_dir!r} is not a miss-jax training checkpoint (no {train.CHECKPOINT_FORMAT!r} metadata)."
+        )
     names = list(meta["adapters"])
     flax_model, params = load_flax_model(base_dir)
     # shapes only: the trained values come from the checkpoint

@@ -415,15 +415,3 @@ def from_pretrained(
     except ValueError as e:
         raise _in_folder(folder, e) from None
     return peft_model
-
-
-__all__ = [
-    "Entry",
-    "adapter_config_dict",
-    "config_from_json",
-    "from_pretrained",
-    "get_peft_model_state_dict",
-    "load_adapter",
-    "save_pretrained",
-    "set_peft_model_state_dict",
-]

@@ -120,6 +120,8 @@ class MissModel:
     @property
     def active_adapter(self) -> str:
         """The first active adapter (PEFT's `active_adapter`)."""
+        if not self.active_adapters:
+            raise ValueError("No adapter is active: every adapter was deleted. Add one with add_adapter().")
         return self.active_adapters[0]
 
     @property

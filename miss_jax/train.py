@@ -123,11 +123,14 @@ def _manager(directory: str, max_to_keep: Optional[int] = None) -> Any:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+CHECKPOINT_FORMAT = "miss-jax-train-state/1"  # the `format` field of a checkpoint's metadata
+
+
 def checkpoint_metadata(peft_model: Any) -> dict[str, Any]:
     """What a checkpoint needs to be read back without the Python objects: configs, names, plan."""
     plan = peft_model.plan
     return {
-        "format": "miss-jax-train-state/1",
+        "format": CHECKPOINT_FORMAT,
         "adapters": {n: c.to_dict() for n, c in peft_model.peft_config.items()},
         "active": list(plan.active),
         "saved": plan.saved,

@@ -216,6 +216,14 @@ def test_delete_adapter() -> None:
     assert model.active_adapters == ["b"]
     model.delete_adapter("b")
     assert model.active_adapters == ["a"]  # the first remaining adapter, as in PEFT
+    for name in ("a", "d"):
+        model.delete_adapter(name)
+    assert model.active_adapters == [] and model.plan.adapters == ()
+    with pytest.raises(ValueError, match="add_adapter"):
+        model.active_adapter
+    model.add_adapter("e", MissConfig(r=4, target_modules=QV))
+    model.set_adapter("e")
+    assert model.active_adapter == "e"
 
 
 def test_merge_and_unload_returns_plain_flax_model() -> None:
