@@ -8,13 +8,12 @@ base model's logits (`<workdir>/<model>/jax_logits.npy`) for the same-weights ch
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
+import hlo
 import specs
 import timing
 from report import write_json
@@ -50,37 +49,6 @@ def main(settings_path: str, out_path: str) -> None:
     for spec in settings.models:
         result["models"][spec.name] = JaxSuite(spec, settings).run()
     write_json(out_path, result)
-
-
-def hlo_facts(hlo: str, kernel_shapes: set[tuple[int, ...]], tokens: int) -> dict[str, int]:
-    """Facts read off a compiled train step's HLO text.
-
-    `kernel_grad_dots`: dots that produce a weight gradient of one of `kernel_shapes`: output of that
-    shape, `tokens` (batch x sequence) elements contracted, no operand a program input (forward and
-    input-gradient dots read the kernel itself). None may exist for frozen kernels.
-    `donated_buffers`: outputs aliased to (donated) inputs.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    inputs: set[str] = set()
-    grads = 0
-    for line in hlo.split("ENTRY", 1)[-1].splitlines():
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)", line)
-        if not m:
-            continue
-        name, dims, op, rest = m[1], tuple(int(d) for d in m[2].split(",") if d), m[3], m[4]
-        shapes[name] = dims
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-        if op == "parameter" or (op in ("bitcast", "copy") and operands and operands[0] in inputs):
-            inputs.add(name)
-        if op != "dot" or len(operands) < 2 or inputs.intersection(operands[:2]):
-            continue
-        lhs = shapes.get(operands[0], ())
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-        axes = [int(d) for d in contracting[1].split(",") if d] if contracting else []
-        contracted = math.prod(lhs[d] for d in axes if d < len(lhs))
-        grads += dims in kernel_shapes and contracted == tokens
-    header = hlo.split("\n", 1)[0]
-    return {"kernel_grad_dots": grads, "donated_buffers": header.count("-alias)")}
 
 
 def _compiles(jitted: Any) -> int:
@@ -214,8 +182,8 @@ class JaxSuite:
             return loss
 
         def facts() -> dict:
-            hlo = step.lower(params, box["state"], self.batch, rng).compile().as_text()  # the cached executable
-            return dict(hlo_facts(hlo, self._frozen_kernel_shapes(pm), self.spec.batch * self.spec.seq),
+            text = step.lower(params, box["state"], self.batch, rng).compile().as_text()  # the cached executable
+            return dict(hlo.train_step_facts(text, self._frozen_kernel_shapes(pm), self.spec.batch * self.spec.seq),
                         state_buffers=len(self.jax.tree_util.tree_leaves(box["state"])))
 
         return run, step, facts
@@ -250,9 +218,9 @@ class JaxSuite:
             return loss
 
         def facts() -> dict:
-            hlo = jitted.lower(box["params"], box["opt"], self.batch, rng).compile().as_text()
+            text = jitted.lower(box["params"], box["opt"], self.batch, rng).compile().as_text()
             shapes = self._frozen_kernel_shapes(self._miss_model("balance"))
-            return dict(hlo_facts(hlo, shapes, self.spec.batch * self.spec.seq),
+            return dict(hlo.train_step_facts(text, shapes, self.spec.batch * self.spec.seq),
                         state_buffers=len(jax.tree_util.tree_leaves((box["params"], box["opt"]))))
 
         return run, jitted, facts

@@ -132,3 +132,47 @@ def test_bad_options_name_the_problem() -> None:
         run.build_settings(run.parse_args(["--threads", "999"]), "/tmp/unused")
     with pytest.raises(ValueError, match="--sides"):
         run.main(["--sides", "jax,tf"])
+
+
+@pytest.mark.parametrize("case", ["forward/balance", "train/bat"])
+def test_profile_case_writes_trace_program_and_dot_table(tmp_path: Any, case: str) -> None:
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "profile_case.py"), "--model", "llama", "--case", case,
+                           "--quick", "--repeats", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stem = tmp_path / f"llama-{case.replace('/', '-')}"
+    result = json.loads((tmp_path / f"{stem.name}.json").read_text())
+    text = (tmp_path / f"{stem.name}.hlo.txt").read_text()
+    assert result["case"] == case and result["median_s"] > 0 and result["xla_flops"] > 0
+    assert any(files for _, _, files in os.walk(tmp_path / "trace")), "no profiler trace written"
+    hlo = _bench_module("hlo")
+    assert [d["name"] for d in result["dots"]] == [d["name"] for d in sorted(hlo.dots(text), key=lambda d: -d["flops"])]
+    assert abs(sum(d["share"] for d in result["dots"]) - 1) < 1e-3
+    adapter = [d for d in result["dots"] if any(r.endswith("miss_block") for r in d["reads"])]
+    assert adapter and result["dot_flops_reading_adapter_blocks"] == sum(d["flops"] for d in adapter)
+    if case == "forward/balance":  # fold(x) @ D beside x @ K on each of the 7 adapted layers
+        assert len(adapter) == 7
+        assert any(r.endswith("q_proj/kernel") for d in result["dots"] for r in d["reads"])
+
+
+def test_dot_table_reads_shapes_flops_and_params() -> None:
+    hlo = _bench_module("hlo")
+    text = """HloModule m, entry_computation_layout={(f32[4,3]{1,0}, f32[3,5]{1,0})->f32[4,5]{1,0}}
+
+ENTRY %main (p__layer____kernel__.1: f32[3,5], x.2: f32[4,3]) -> f32[4,5] {
+  %x.2 = f32[4,3]{1,0} parameter(1)
+  %p__layer____kernel__.1 = f32[3,5]{1,0} parameter(0)
+  %neg = f32[4,3]{1,0} negate(%x.2)
+  ROOT %dot.7 = f32[4,5]{1,0} dot(%neg, %p__layer____kernel__.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    (dot,) = hlo.dots(text)
+    assert dot == {"name": "dot.7", "out": [4, 5], "lhs": [4, 3], "rhs": [3, 5], "contracted": 3,
+                   "flops": 2 * 4 * 5 * 3, "reads": ["p/layer/kernel"]}
+    # A dot producing a (3, 5) gradient from 4 tokens, not reading a program input, is a kernel gradient.
+    grad = text.replace("dot(%neg, %p__layer____kernel__.1), lhs_contracting_dims={1}", "dot(%neg, %neg2), "
+                        "lhs_contracting_dims={0}").replace("%dot.7 = f32[4,5]", "%dot.7 = f32[3,5]")
+    grad = grad.replace("  ROOT", "  %neg2 = f32[4,5]{1,0} negate(%x.2)\n  ROOT")
+    assert hlo.train_step_facts(grad, {(3, 5)}, 4)["kernel_grad_dots"] == 1
+    assert hlo.train_step_facts(text, {(3, 5)}, 4)["kernel_grad_dots"] == 0

@@ -1,0 +1,87 @@
+"""Reading a compiled program's HLO text (stdlib only): its top-level instructions, and the facts the
+benchmark and the profiler report from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One instruction of the entry computation: `name = op(operands)` with output `dims`."""
+
+    name: str
+    dims: tuple[int, ...]
+    op: str
+    operands: tuple[str, ...]
+    attributes: str
+
+    def int_list(self, key: str) -> list[int]:
+        """An attribute such as `lhs_contracting_dims={1}` as a list of ints ([] when absent)."""
+        m = re.search(rf"{key}=\{{([\d,]*)\}}", self.attributes)
+        return [int(d) for d in m[1].split(",") if d] if m else []
+
+
+def entry_instructions(hlo: str) -> Iterator[Instruction]:
+    """The array-valued instructions of the entry computation (tuple-valued ones are skipped)."""
+    for line in hlo.split("ENTRY", 1)[-1].splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            args, _, rest = m[4].partition(")")
+            yield Instruction(m[1], tuple(int(d) for d in m[2].split(",") if d), m[3],
+                              tuple(re.findall(r"%([\w.\-]+)", args)), rest)
+
+
+def param_path(name: str) -> str:
+    """A parameter's HLO name as its argument's pytree path: `p__bert____pooler____dense____kernel__.1`
+    -> `p/bert/pooler/dense/kernel`."""
+    return re.sub(r"_{2,}", "/", re.sub(r"\.\d+$", "", name)).strip("/")
+
+
+def dots(hlo: str) -> list[dict]:
+    """Every top-level dot: output and operand shapes, contracted size, FLOPs (2 x output x contracted),
+    and the program inputs it reads, by pytree path (see `param_path`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    params: set[str] = set()
+    out = []
+    for ins in entry_instructions(hlo):
+        shapes[ins.name] = ins.dims
+        if ins.op == "parameter":
+            params.add(ins.name)
+        if ins.op != "dot" or len(ins.operands) < 2:
+            continue
+        lhs, rhs = (shapes.get(o, ()) for o in ins.operands[:2])
+        contracted = math.prod(lhs[d] for d in ins.int_list("lhs_contracting_dims") if d < len(lhs))
+        out.append({"name": ins.name, "out": list(ins.dims), "lhs": list(lhs), "rhs": list(rhs),
+                    "contracted": contracted, "flops": 2 * math.prod(ins.dims) * contracted,
+                    "reads": [param_path(o) for o in ins.operands[:2] if o in params]})
+    return out
+
+
+def train_step_facts(hlo: str, kernel_shapes: set[tuple[int, ...]], tokens: int) -> dict[str, int]:
+    """Facts read off a compiled train step's HLO text.
+
+    `kernel_grad_dots`: dots that produce a weight gradient of one of `kernel_shapes`: output of that
+    shape, `tokens` (batch x sequence) elements contracted, no operand a program input (forward and
+    input-gradient dots read the kernel itself). None may exist for frozen kernels.
+    `donated_buffers`: outputs aliased to (donated) inputs.
+    """
+    inputs: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    grads = 0
+    for ins in entry_instructions(hlo):
+        shapes[ins.name] = ins.dims
+        if ins.op == "parameter" or (ins.op in ("bitcast", "copy") and ins.operands and ins.operands[0] in inputs):
+            inputs.add(ins.name)
+        if ins.op != "dot" or len(ins.operands) < 2 or inputs.intersection(ins.operands[:2]):
+            continue
+        lhs = shapes.get(ins.operands[0], ())
+        contracted = math.prod(lhs[d] for d in ins.int_list("lhs_contracting_dims") if d < len(lhs))
+        grads += ins.dims in kernel_shapes and contracted == tokens
+    header = hlo.split("\n", 1)[0]
+    return {"kernel_grad_dots": grads, "donated_buffers": header.count("-alias)")}
