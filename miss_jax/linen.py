@@ -98,6 +98,11 @@ def _nest(flat: dict[Path, Any]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def is_abstract(tree: PyTree) -> bool:
+    """True when some leaf is a `jax.ShapeDtypeStruct` (shapes only, e.g. `low_cpu_mem_usage` adapters)."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
+
+
 def replace_leaves(tree: Mapping, leaves: Mapping[Path, Any]) -> dict:
     """A copy of `tree` with the leaf at each path of `leaves` replaced; only the dicts on those paths
     are copied, every other subtree is shared."""

@@ -36,10 +36,6 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
 
 
-def _abstract_leaves(tree: PyTree) -> bool:
-    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 @functools.lru_cache(maxsize=32)
 def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, paths: tuple[Path, ...], shardings: tuple) -> Callable:
     """`linen.merge` of the kernels at `paths` (module paths), jitted for one (plan, names, sign): only the
@@ -334,7 +330,7 @@ class MissModel:
 
     def _require_weights(self, names: Sequence[str]) -> None:
         for n in names:
-            if _abstract_leaves(self.adapter_params["miss"][n]) or _abstract_leaves(
+            if linen.is_abstract(self.adapter_params["miss"][n]) or linen.is_abstract(
                 self.adapter_params["modules_to_save"].get(n, {})
             ):
                 raise ValueError(

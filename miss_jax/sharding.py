@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -48,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import linen, train
 from .targeting import Layer
-from .train import TrainState
+from .train import TrainState, init_train_state
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -258,10 +257,6 @@ def init_sharded_params(model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> 
     return jax.jit(init, out_shardings=param_shardings(shapes, mesh, rules))(jax.random.PRNGKey(seed))
 
 
-def _is_abstract(tree: PyTree) -> bool:
-    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> None:
     """Places every param of `peft_model` on `mesh`, in place.
 
@@ -278,7 +273,7 @@ def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -
         saves = name in params["modules_to_save"]
         own = {"miss": params["miss"][name], "modules_to_save": params["modules_to_save"].get(name, {})}
         own_sh = {"miss": shardings["miss"][name], "modules_to_save": shardings["modules_to_save"].get(name, {})}
-        if _is_abstract(own):
+        if linen.is_abstract(own):
             create = functools.partial(linen.init_adapter, peft_model.plan.spec(name))
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
             own = jax.jit(create, out_shardings=own_sh)(peft_model.params, key)
@@ -311,14 +306,10 @@ def train_state_shardings(peft_model: Any, tx: optax.GradientTransformation, mes
     return TrainState(replicated, trainable_sh, opt_sh)
 
 
-def _new_state(tx: optax.GradientTransformation, trainable: PyTree) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-
-
 def abstract_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
     """A `TrainState` of `jax.ShapeDtypeStruct`s with shardings on `mesh`: the template that
     `miss_jax.train.restore_checkpoint` restores onto (any mesh shape)."""
-    shapes = jax.eval_shape(functools.partial(_new_state, tx), peft_model.trainable_params())
+    shapes = jax.eval_shape(functools.partial(init_train_state, tx), peft_model.trainable_params())
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         shapes,
@@ -332,7 +323,7 @@ def create_sharded_train_state(
     """A fresh `TrainState` for `peft_model.trainable_params()`, optimizer state created sharded."""
     check_mesh(mesh)
     shardings = train_state_shardings(peft_model, tx, mesh, rules)
-    return jax.jit(functools.partial(_new_state, tx), out_shardings=shardings)(peft_model.trainable_params())
+    return jax.jit(functools.partial(init_train_state, tx), out_shardings=shardings)(peft_model.trainable_params())
 
 
 def make_sharded_train_step(

@@ -40,7 +40,11 @@ def create_train_state(peft_model: Any, tx: optax.GradientTransformation) -> Tra
     The leaves are copied: the step donates the state, and must never free buffers the model (or,
     for `modules_to_save`, the base params) still holds.
     """
-    trainable = jax.tree_util.tree_map(lambda a: a.copy(), peft_model.trainable_params())
+    return init_train_state(tx, jax.tree_util.tree_map(lambda a: a.copy(), peft_model.trainable_params()))
+
+
+def init_train_state(tx: optax.GradientTransformation, trainable: PyTree) -> TrainState:
+    """A step-0 `TrainState` over `trainable` as given (pure: jit it with `out_shardings` to create it sharded)."""
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
 
