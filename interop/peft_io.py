@@ -363,6 +363,7 @@ def _unchanged_on_error(model: "MissModel") -> Iterator[None]:
         "_specs": dict(model._specs),
         "adapter_params": copy(model.adapter_params),
         "active_adapters": list(model.active_adapters),
+        "_frozen": model._frozen,
         "_rng": model._rng,
     }
     try:

@@ -105,11 +105,12 @@ class MissModel:
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._disabled = False
+        self._frozen: set[str] = set()  # adapters in inference mode (PEFT: requires_grad=False)
         self._rng = jax.random.PRNGKey(seed)
         self._signature = inspect.signature(model.__call__)
         self._forward = jax.jit(self._forward_impl, static_argnums=(0, 1))
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     # ------------------------------------------------------------------ plan
 
@@ -158,6 +159,8 @@ class MissModel:
         new = linen.init_adapter(spec, self.params, key, abstract=low_cpu_mem_usage)  # validates shapes
         self._specs[adapter_name] = spec
         self.peft_config[adapter_name] = config
+        if config.inference_mode:  # as PEFT: an adapter added in inference mode starts frozen
+            self._frozen = self._frozen | {adapter_name}
         self.adapter_params["miss"][adapter_name] = new["miss"]
         if spec.saved_modules:
             self.adapter_params["modules_to_save"][adapter_name] = new["modules_to_save"]
@@ -166,8 +169,12 @@ class MissModel:
             bias.setdefault(path + ("bias",), linen._get(self.params, path)["bias"])
         self.adapter_params["bias"] = _nest(bias)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Activates one adapter or several (their terms combine, see DESIGN §1)."""
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activates one adapter or several (their terms combine, see DESIGN §1).
+
+        As in PEFT, this makes them trainable, or frozen with `inference_mode=True` (the state of adapters
+        loaded with `is_trainable=False`): `trainable_params()` refuses frozen active adapters.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_name(n)
@@ -179,6 +186,7 @@ class MissModel:
                 f"Adapters {owners} each have modules_to_save; only one of them can be active at a time."
             )
         self.active_adapters = names
+        self._frozen = (self._frozen | set(names)) if inference_mode else (self._frozen - set(names))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -201,6 +209,7 @@ class MissModel:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
         del self._specs[adapter_name], self.peft_config[adapter_name]
+        self._frozen = self._frozen - {adapter_name}
         self.adapter_params["miss"].pop(adapter_name)
         self.adapter_params["modules_to_save"].pop(adapter_name, None)
         still = {p for s in self._specs.values() for p in s.bias_paths}
@@ -302,6 +311,13 @@ class MissModel:
         plan = self.plan
         if self.merged_adapters:
             raise ValueError("Adapters are merged; call unmerge_adapter() before training.")
+        frozen = self._frozen_active()
+        if frozen:
+            raise ValueError(
+                f"Adapters {frozen} are frozen (inference mode: loaded with is_trainable=False, or set with "
+                f"inference_mode=True). Load them with is_trainable=True, or call set_adapter({frozen!r}) to "
+                "train them."
+            )
         return {
             "miss": {n: self.adapter_params["miss"][n] for n in plan.active},
             "modules_to_save": (
@@ -309,6 +325,10 @@ class MissModel:
             ),
             "bias": self.adapter_params["bias"],
         }
+
+    def _frozen_active(self) -> list[str]:
+        """Active adapters in inference mode (frozen, as PEFT's `requires_grad=False`)."""
+        return [n for n in self.plan.active if n in self._frozen]
 
     def update_params(self, trainable: Mapping) -> None:
         """Writes a (trained) `trainable_params()` pytree back into the adapter params."""
@@ -320,7 +340,7 @@ class MissModel:
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all): all counts the base params plus every adapter's params and module copies."""
-        trainable = self.trainable_params() if not self.merged_adapters else {}
+        trainable = self.trainable_params() if not (self.merged_adapters or self._frozen_active()) else {}
         every = {k: v for k, v in self.adapter_params.items() if k != "bias"}
         return _count(trainable), _count(self.params) + _count(every)
 

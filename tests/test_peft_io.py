@@ -44,6 +44,7 @@ def _snapshot(model: MissModel) -> tuple:
     return (
         dict(model.peft_config),
         list(model.active_adapters),
+        set(model._frozen),
         {k: id(v) for k, v in traverse_util.flatten_dict(model.adapter_params, keep_empty_nodes=True).items()},
         {k: id(v) for k, v in traverse_util.flatten_dict(model.params).items()},
     )
@@ -111,6 +112,40 @@ def test_selected_adapters_and_dtype(llama):
     for path, value in ours.items():
         assert back[path].dtype == jnp.float32  # bf16 in the file, float32 in the adapter (PEFT's autocast)
         np.testing.assert_array_equal(back[path], value.astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_is_trainable_and_inference_mode_freeze_as_in_peft(llama):
+    """Trainable counts against real PEFT through from_pretrained / load_adapter / set_adapter."""
+    from interop_helpers import torch_twin
+
+    root = str(llama[0] / "torch")
+    torch_counts, jax_counts = [], []
+
+    def record(torch_model, jax_model):
+        torch_counts.append(torch_model.get_nb_trainable_parameters()[0])
+        jax_counts.append(jax_model.get_nb_trainable_parameters()[0])
+
+    frozen_t = peft.PeftModel.from_pretrained(torch_twin("llama"), root)
+    frozen_j = MissModel.from_pretrained(tm.flax_model("llama"), root)
+    record(frozen_t, frozen_j)
+    with pytest.raises(ValueError, match=r"\['default'\] are frozen.*is_trainable=True.*set_adapter\(\['default'\]\)"):
+        frozen_j.trainable_params()
+    trainable_t = peft.PeftModel.from_pretrained(torch_twin("llama"), root, is_trainable=True)
+    trainable_j = MissModel.from_pretrained(tm.flax_model("llama"), root, is_trainable=True)
+    record(trainable_t, trainable_j)
+    for t, j in ((frozen_t, frozen_j), (trainable_t, trainable_j)):  # a second adapter, loaded frozen, set active
+        t.load_adapter(os.path.join(root, "mini"), "mini")
+        j.load_adapter(os.path.join(root, "mini"), "mini")
+        t.set_adapter("mini", inference_mode=True)
+        j.set_adapter("mini", inference_mode=True)
+        record(t, j)
+        t.set_adapter("mini")  # PEFT: set_adapter makes the adapter trainable
+        j.set_adapter("mini")
+        record(t, j)
+    assert torch_counts[0] == 0 and torch_counts[1] > 0 and len(set(torch_counts)) > 2
+    assert jax_counts == torch_counts
+    assert frozen_j.trainable_params()["miss"].keys() == {"mini"}
+    assert frozen_j.peft_config["mini"].inference_mode  # the config keeps how it was loaded, as in PEFT
 
 
 # --------------------------------------------------------------------------- bias modes, modules_to_save
