@@ -35,7 +35,6 @@ from miss_jax.linen import AdapterSpec, _get, block_of, effective_block
 from miss_jax.targeting import Layer
 
 from . import names, peft_io
-from . import safetensors_io as files
 
 _BIAS = {"none": "none", "all": "all", "MiSS_only": "lora_only"}
 # adapter_config.json fields a MiSS adapter passes on to its LoRA export unchanged
@@ -208,10 +207,5 @@ def save_lora(
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file.")
     tensors, config, report = lora_state_dict(peft_model, adapter_name, rank, progress)
-
-    def write(folder: str) -> None:
-        files.write_config(folder, config)
-        files.write_tensors(folder, {k: jnp.asarray(v) for k, v in tensors.items()})
-
-    peft_io.replace_folder(save_directory, write)
+    peft_io.write_folders(save_directory, {"": (config, {k: jnp.asarray(v) for k, v in tensors.items()})})
     return report

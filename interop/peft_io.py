@@ -248,6 +248,20 @@ def replace_folder(target: str, write: Callable[[str], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_folders(save_directory: str, folders: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Writes each `(adapter_config, tensors)` into `save_directory/<relative folder>` ("" is the root),
+    all at once through `replace_folder`."""
+
+    def write(root: str) -> None:
+        for relative, (config, tensors) in folders.items():
+            folder = os.path.join(root, relative) if relative else root
+            os.makedirs(folder, exist_ok=True)
+            files.write_config(folder, config)
+            files.write_tensors(folder, tensors)
+
+    replace_folder(save_directory, write)
+
+
 def save_pretrained(
     model: "MissModel",
     save_directory: str,
@@ -301,14 +315,7 @@ def save_pretrained(
     if not is_main_process:
         return reports
 
-    def write(root: str) -> None:
-        for n in selected:
-            folder = root if n == "default" else os.path.join(root, n)
-            os.makedirs(folder, exist_ok=True)
-            files.write_config(folder, configs[n])
-            files.write_tensors(folder, tensors[n])
-
-    replace_folder(save_directory, write)
+    write_folders(save_directory, {"" if n == "default" else n: (configs[n], tensors[n]) for n in selected})
     return reports
 
 
