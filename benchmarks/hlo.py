@@ -1,5 +1,9 @@
 """Reading a compiled program's HLO text (stdlib only): its top-level instructions, and the facts the
-benchmark and the profiler report from them."""
+benchmark and the profiler report from them.
+
+Matmuls are read as `dot` instructions, which is how XLA:CPU runs them; XLA:GPU calls cuBLAS through
+custom-calls instead, so on GPU `dots` finds none and `train_step_facts` reports no gradient count.
+"""
 
 from __future__ import annotations
 
@@ -68,20 +72,22 @@ def train_step_facts(hlo: str, kernel_shapes: set[tuple[int, ...]], tokens: int)
 
     `kernel_grad_dots`: dots that produce a weight gradient of one of `kernel_shapes`: output of that
     shape, `tokens` (batch x sequence) elements contracted, no operand a program input (forward and
-    input-gradient dots read the kernel itself). None may exist for frozen kernels.
+    input-gradient dots read the kernel itself). None may exist for frozen kernels. None (unknown)
+    when the program has no dot instruction (GPU).
     `donated_buffers`: outputs aliased to (donated) inputs.
     """
     inputs: set[str] = set()
     shapes: dict[str, tuple[int, ...]] = {}
-    grads = 0
+    grads, seen_dots = 0, 0
     for ins in entry_instructions(hlo):
         shapes[ins.name] = ins.dims
         if ins.op == "parameter" or (ins.op in ("bitcast", "copy") and ins.operands and ins.operands[0] in inputs):
             inputs.add(ins.name)
+        seen_dots += ins.op == "dot"
         if ins.op != "dot" or len(ins.operands) < 2 or inputs.intersection(ins.operands[:2]):
             continue
         lhs = shapes.get(ins.operands[0], ())
         contracted = math.prod(lhs[d] for d in ins.int_list("lhs_contracting_dims") if d < len(lhs))
         grads += ins.dims in kernel_shapes and contracted == tokens
     header = hlo.split("\n", 1)[0]
-    return {"kernel_grad_dots": grads, "donated_buffers": header.count("-alias)")}
+    return {"kernel_grad_dots": grads if seen_dots else None, "donated_buffers": header.count("-alias)")}

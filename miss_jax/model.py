@@ -59,11 +59,15 @@ def _model_layers(model: Any) -> dict[str, Layer]:
     """Every layer of a transformers Flax model, `{key: Layer}`, from its own init traced abstractly
     (nothing is computed). Cached per model class, module attributes (config, dtype, ...) and input
     shape, so adapting more models of one configuration traces once."""
-    key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
+    trace = lambda: discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))  # noqa: E731
+    try:  # the module's repr holds its config as JSON, which a config with non-JSON values cannot give
+        key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
+    except (TypeError, ValueError):
+        return trace()
     if key not in _LAYERS:
         if len(_LAYERS) >= _LAYERS_KEPT:
             _LAYERS.pop(next(iter(_LAYERS)))
-        _LAYERS[key] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+        _LAYERS[key] = trace()
     return dict(_LAYERS[key])
 
 
@@ -215,8 +219,12 @@ class MissModel:
         still = {p for s in self._specs.values() for p in s.bias_paths}
         bias = {k: v for k, v in _flat(self.adapter_params["bias"]).items() if k[:-1] in still}
         self.adapter_params["bias"] = _nest(bias)
-        remaining = [a for a in self.active_adapters if a != adapter_name]
-        self.active_adapters = remaining or list(self._specs)[:1]
+        if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
+            remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self._specs)[:1]
+            if remaining and len(self.active_adapters) == 1:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+            self.set_adapter(remaining)
 
     # ------------------------------------------------------------------ merging
 

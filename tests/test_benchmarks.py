@@ -176,3 +176,7 @@ ENTRY %main (p__layer____kernel__.1: f32[3,5], x.2: f32[4,3]) -> f32[4,5] {
     grad = grad.replace("  ROOT", "  %neg2 = f32[4,5]{1,0} negate(%x.2)\n  ROOT")
     assert hlo.train_step_facts(grad, {(3, 5)}, 4)["kernel_grad_dots"] == 1
     assert hlo.train_step_facts(text, {(3, 5)}, 4)["kernel_grad_dots"] == 0
+    # No dot instruction at all (GPU programs call cuBLAS): the count is unknown, not zero.
+    no_dot = text.replace(" dot(%neg, %p__layer____kernel__.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+                          ' custom-call(%neg, %p__layer____kernel__.1), custom_call_target="__cublas$gemm"')
+    assert hlo.dots(no_dot) == [] and hlo.train_step_facts(no_dot, {(3, 5)}, 4)["kernel_grad_dots"] is None

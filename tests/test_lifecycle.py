@@ -214,16 +214,40 @@ def test_delete_adapter() -> None:
     model.delete_adapter("c")
     assert "c" not in model.peft_config and "c" not in model.adapter_params["miss"] and "c" not in model._specs
     assert model.active_adapters == ["b"]
-    model.delete_adapter("b")
-    assert model.active_adapters == ["a"]  # the first remaining adapter, as in PEFT
-    for name in ("a", "d"):
-        model.delete_adapter(name)
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        model.delete_adapter("b")
+    assert model.active_adapters == ["a"]  # the first remaining adapter by name, as in PEFT
+    with pytest.warns(UserWarning, match="Setting active adapter to d"):
+        model.delete_adapter("a")
+    model.delete_adapter("d")
     assert model.active_adapters == [] and model.plan.adapters == ()
     with pytest.raises(ValueError, match="add_adapter"):
         model.active_adapter
     model.add_adapter("e", MissConfig(r=4, target_modules=QV))
     model.set_adapter("e")
     assert model.active_adapter == "e"
+
+
+def test_deleting_the_active_adapter_picks_and_unfreezes_the_next_as_peft() -> None:
+    """Against real PEFT: the next active adapter (first by name) and the trainable counts after deletions."""
+    from interop_helpers import torch_twin
+
+    kwargs = dict(r=4, target_modules=QV)
+    torch_model = peft.get_peft_model(torch_twin("llama"), peft.MissConfig(**kwargs), adapter_name="z")
+    model = get_peft_model(tm.flax_model("llama"), MissConfig(**kwargs), "z")
+    seen: list[tuple] = []
+    for m, config in ((torch_model, peft.MissConfig), (model, MissConfig)):
+        for name in ("b", "k"):
+            m.add_adapter(name, config(**kwargs))
+        m.set_adapter("k", inference_mode=True)
+        with pytest.warns(UserWarning, match="Setting active adapter to b"):
+            m.delete_adapter("k")
+        after_delete = (list(m.active_adapters), m.get_nb_trainable_parameters()[0])
+        m.set_adapter("z", inference_mode=True)
+        m.delete_adapter("b")  # not active: nothing changes
+        seen.append((after_delete, list(m.active_adapters), m.get_nb_trainable_parameters()[0]))
+    assert seen[0] == seen[1]
+    assert seen[0][0][0] == ["b"] and seen[0][0][1] > 0 and seen[0][1:] == (["z"], 0)
 
 
 def test_merge_and_unload_returns_plain_flax_model() -> None:
@@ -451,3 +475,7 @@ def test_layers_are_traced_once_per_model_configuration(monkeypatch: pytest.Monk
     deeper = get_peft_model(type(tm.flax_model("llama"))(deeper_config, seed=0), config)
     assert len(traced) == 2
     assert len(deeper.plan.spec("default").layers) == len(first.plan.spec("default").layers) + 2
+    odd_config = tm.config("llama")
+    odd_config.note = np.float32(1.0)  # not JSON: the module has no repr to key on, so no cache
+    odd = get_peft_model(type(tm.flax_model("llama"))(odd_config, seed=0), config)
+    assert len(traced) == 3 and odd.layers == first.layers
