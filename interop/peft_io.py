@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from miss_jax.config import PEFT_TYPE, MissConfig
+from miss_jax.linen import _get
 
 from . import names
 from . import safetensors_io as files
@@ -108,10 +109,7 @@ def _peft_extras(model: "MissModel", adapter_name: str) -> set[str]:
 
 
 def _leaf(model: "MissModel", entry: Entry) -> Any:
-    tree = model.adapter_params[entry.group]
-    for p in entry.path:
-        tree = tree[p]
-    return tree
+    return _get(model.adapter_params[entry.group], entry.path)
 
 
 # --------------------------------------------------------------------------- state dicts

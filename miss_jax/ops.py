@@ -102,8 +102,9 @@ def _sum_slices(x: Array, width: int) -> Array:
 def balance_output(x: Array, block: Array) -> Array:
     """The balance adapter's output term: `fold_input(x, r) @ block`, `(..., in)` -> `(..., out)`.
 
-    This is the efficient form: no dense `(in, out)` delta is ever built. `x` is promoted to the
-    block's dtype, as PEFT casts the input to the adapter's dtype.
+    This is the efficient form: no dense `(in, out)` delta is ever built. It runs in the wider of the
+    two dtypes (a bf16 input meets a float32 block in float32, as PEFT casts the input to the adapter's
+    dtype; a float32 input is never narrowed to a bf16 block).
     """
     x = x.astype(jnp.promote_types(x.dtype, block.dtype))
     folded = fold_input(x, block.shape[0])
