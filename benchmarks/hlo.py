@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)")
 
@@ -45,6 +46,14 @@ def param_path(name: str) -> str:
     """A parameter's HLO name as its argument's pytree path: `p__bert____pooler____dense____kernel__.1`
     -> `p/bert/pooler/dense/kernel`."""
     return re.sub(r"_{2,}", "/", re.sub(r"\.\d+$", "", name)).strip("/")
+
+
+def xla_cost(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (`jax.jit(f).lower(...).compile()`) as one dict: `flops`,
+    `bytes accessed`, ... (empty when the backend gives none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(cost or {})
 
 
 def dots(hlo: str) -> list[dict]:

@@ -142,9 +142,8 @@ class JaxSuite:
         the adapter adds, whatever the machine (None where the backend gives no count)."""
 
         def flops(fn: Callable[..., Any], *args: Any) -> Optional[float]:
-            cost = self.jax.jit(fn).lower(*args).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost["flops"]) if cost and "flops" in cost else None
+            cost = hlo.xla_cost(self.jax.jit(fn).lower(*args).compile())
+            return float(cost["flops"]) if "flops" in cost else None
 
         inputs, model = self.model_inputs, self.model
         out = {"base": flops(lambda p: model(**inputs, params=p).logits, self.base)}

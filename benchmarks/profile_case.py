@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import hlo  # noqa: E402
+import run as bench_run  # noqa: E402
 import specs  # noqa: E402
 import timing  # noqa: E402
 from report import write_json, write_text  # noqa: E402
@@ -41,11 +42,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--case", default="forward/balance", choices=CASES)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--r", type=int, default=64)
-    p.add_argument("--mini-r", type=int, default=8)
+    p.add_argument("--r", type=int, default=None, help="MiSS r (default as run.py: 64; 8 with --quick)")
+    p.add_argument("--mini-r", type=int, default=None, help="mini_r (default as run.py: 8; 4 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all allowed)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, as run.py --quick (smoke run)")
     p.add_argument("--out", required=True, help="output folder")
     return p.parse_args(argv)
 
@@ -106,15 +107,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         timing.pin_threads(args.threads)
     import jax
 
-    table = specs.model_specs(2 if args.quick else args.batch, 24 if args.quick else args.seq,
-                              2 if args.quick else args.batch, 24 if args.quick else args.seq, args.quick)
-    spec = table[args.model]
-    r, mini_r = (8, 4) if args.quick else (args.r, args.mini_r)
-    settings = specs.Settings((spec,), r, mini_r, args.threads or 0, 1, args.repeats, "cpu", args.out)
+    # The shapes, r and mini_r run.py would use for the same options.
+    bench_options = ["--models", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]
+    if args.quick:
+        bench_options.append("--quick")
+    for flag, value in (("--r", args.r), ("--mini-r", args.mini_r)):
+        if value:
+            bench_options += [flag, str(value)]
+    settings = bench_run.build_settings(bench_run.parse_args(bench_options), args.out)
+    spec = settings.models[0]
     run, lowered = build_case(spec, settings, args.case)
     compiled = lowered.compile()
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    cost = hlo.xla_cost(compiled)
     jax.block_until_ready(run())  # compiles the cached program, warms up
     times = []
     for _ in range(args.repeats):
@@ -127,8 +131,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     stem = os.path.join(args.out, f"{args.model}-{args.case.replace('/', '-')}")
     text = compiled.as_text()
     write_text(stem + ".hlo.txt", text)
-    result = {"model": args.model, "case": args.case, "r": r, "batch": spec.batch, "seq": spec.seq,
-              "device": str(jax.devices()[0]), **summary(text, dict(cost), times)}
+    result = {"model": args.model, "case": args.case, "r": settings.r, "batch": spec.batch, "seq": spec.seq,
+              "device": str(jax.devices()[0]), **summary(text, cost, times)}
     write_json(stem + ".json", result)
     print(f"{args.model} {args.case}: {1e3 * result['median_s']:.1f} ms, XLA flops {result['xla_flops']}")
     if result["dot_flops"]:

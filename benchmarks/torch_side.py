@@ -82,9 +82,8 @@ class TorchSuite:
         return peft.MissConfig(**specs.miss_kwargs(variant, self.settings, self.spec))
 
     def _peft_model(self, variant: str) -> Any:
-        import peft
-
-        return peft.get_peft_model(copy.deepcopy(self.model), self._config(variant))
+        """A fresh PEFT model: the base model copied, then wrapped."""
+        return self._wrap(copy.deepcopy(self.model), variant)
 
     def _forward(self, model: Any) -> Callable[[], Any]:
         def run() -> Any:

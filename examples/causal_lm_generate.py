@@ -110,8 +110,7 @@ def make_base_model(vocab_size: int, seed: int, folder: str) -> Any:
 def train(peft_model: Any, stream: np.ndarray, args: argparse.Namespace) -> list[float]:
     """`args.steps` AdamW steps on random windows of the token stream; returns the losses."""
     tx = optax.adamw(args.lr)
-    state = T.create_train_state(peft_model, tx)
-    state = state.replace(trainable=jax.tree_util.tree_map(jnp.copy, state.trainable))  # the step donates it
+    state = T.create_train_state(peft_model, tx)  # copies the adapter leaves: the step donates the state
     step = T.make_train_step(peft_model, tx, T.causal_lm_loss)
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)

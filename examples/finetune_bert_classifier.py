@@ -223,8 +223,7 @@ def train_baseline(
     the same optimizer, steps, lr schedule, batches and dropout keys.
 
     Returns the trained model's logits function (inputs -> `(B, C)`) and the per-step losses."""
-    trainable = {"modules_to_save": head}
-    state = T.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    state = T.init_train_state(tx, {"modules_to_save": head})
     losses: list[float] = []
     head_only = dataclasses.replace(peft_model.plan, active=())  # MiSS blocks off, the classifier copy on
     step = T.make_train_step(peft_model, tx, T.classification_loss, plan=head_only)
@@ -396,9 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     history_file = os.path.join(args.output_dir, "loss_history.json")
     head0 = jax.tree_util.tree_map(jnp.copy, peft_model.trainable_params()["modules_to_save"])  # baseline's start
 
-    # The state's buffers are donated to the step; it starts from copies so the model's own stay valid.
+    # The state's buffers are donated to the step; create_train_state copies them, so the model's own stay valid.
     state = T.create_train_state(peft_model, tx)
-    state = state.replace(trainable=jax.tree_util.tree_map(jnp.copy, state.trainable))
     state, losses = restore_or_start(args, peft_model, state, ckpt_dir, history_file)
     start_step = int(state.step)
 

@@ -133,12 +133,9 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
     from .torch_ref import load_flax_model
 
     with train._manager(ckpt_dir) as mngr:
-        steps = sorted(mngr.all_steps())
-        step = steps[-1] if step is None and steps else step
-        if step not in steps:
-            raise ValueError(f"{ckpt_dir!r} has no checkpoint step {step}; it has {steps}.")
         restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            train._step(mngr, ckpt_dir, step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
     meta, state = restored["meta"], restored["state"]
     if not isinstance(meta, dict) or meta.get("format") != train.CHECKPOINT_FORMAT:

@@ -207,5 +207,5 @@ def save_lora(
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file.")
     tensors, config, report = lora_state_dict(peft_model, adapter_name, rank, progress)
-    peft_io.write_folders(save_directory, {"": (config, {k: jnp.asarray(v) for k, v in tensors.items()})})
+    peft_io.write_folders(save_directory, {"": (config, tensors)})
     return report

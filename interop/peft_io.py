@@ -302,7 +302,7 @@ def save_pretrained(
         from .lora import lora_state_dict
 
         exported = {n: lora_state_dict(model, n, lora_rank) for n in selected}
-        tensors = {n: {k: jnp.asarray(v) for k, v in e[0].items()} for n, e in exported.items()}
+        tensors = {n: e[0] for n, e in exported.items()}
         configs = {n: e[1] for n, e in exported.items()}
         reports = {n: e[2] for n, e in exported.items()}
     else:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import safetensors.flax
 from safetensors import SafetensorError
 
@@ -27,10 +28,10 @@ def write_config(folder: str, config: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
-def write_tensors(folder: str, tensors: Mapping[str, jax.Array]) -> None:
-    """Writes `adapter_model.safetensors` with PEFT's metadata (`format: pt`)."""
+def write_tensors(folder: str, tensors: Mapping[str, Any]) -> None:
+    """Writes `adapter_model.safetensors` (JAX or NumPy arrays) with PEFT's metadata (`format: pt`)."""
     path = os.path.join(folder, WEIGHTS_NAME)
-    safetensors.flax.save_file(dict(tensors), path, metadata={"format": "pt"})
+    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors creates the file 0600; give it the mode open() would

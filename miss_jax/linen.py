@@ -243,18 +243,17 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
     flat_input = {layer.path for n in plan.active if plan.spec(n).variant == "bat" for layer in plan.spec(n).layers}
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if context.method_name != "__call__" or not args or context.module.path not in flat_input or args[0].ndim <= 2:
-            out = next_fun(*args, **kwargs)
-        else:
-            x = args[0]
+        if context.method_name != "__call__" or not args:
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        if context.module.path in flat_input and x.ndim > 2:
             out = next_fun(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
             out = out.reshape(*x.shape[:-1], out.shape[-1])
-        if context.method_name != "__call__" or not terms or not args:
-            return out
+        else:
+            out = next_fun(*args, **kwargs)
         entries = terms.get(context.module.path)
         if not entries:
             return out
-        x = args[0]
         delta = None
         for spec, block in entries:
             rate = 0.0 if deterministic else spec.config.miss_dropout

@@ -158,7 +158,8 @@ class MissModel:
         config = resolve_targets(config, self.layers, self.model_type)
         layers = select(config, self.layers)
         saved = linen.find_modules_to_save(config, self.params)
-        spec = AdapterSpec(adapter_name, config, layers, saved, linen.find_bias_paths(config, self.params, layers, saved))
+        bias_paths = linen.find_bias_paths(config, self.params, layers, saved)
+        spec = AdapterSpec(adapter_name, config, layers, saved, bias_paths)
         self._rng, key = jax.random.split(self._rng)
         new = linen.init_adapter(spec, self.params, key, abstract=low_cpu_mem_usage)  # validates shapes
         self._specs[adapter_name] = spec

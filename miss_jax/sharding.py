@@ -46,11 +46,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import linen, train
+from .linen import Path
 from .targeting import Layer
 from .train import TrainState, init_train_state
 
 PyTree = Any
-Path = tuple[str, ...]
 Rules = Sequence[tuple[str, P]]
 AxisEntry = Union[None, str, tuple[str, ...]]
 

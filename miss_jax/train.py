@@ -161,6 +161,19 @@ def save_checkpoint(directory: str, state: TrainState, peft_model: Any, max_to_k
     return os.path.join(os.path.abspath(directory), str(step))
 
 
+def _step(mngr: Any, directory: str, step: Optional[int]) -> int:
+    """`step` (default: the latest) among the complete steps `mngr` holds; FileNotFoundError when there
+    is none, ValueError naming the saved steps when `step` is not one of them."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint under {directory!r}.")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ValueError(f"{directory!r} has no checkpoint step {step}; it has {steps}.")
+    return step
+
+
 def latest_step(directory: str) -> Optional[int]:
     """The newest complete step saved under `directory`, or None."""
     if not os.path.isdir(directory):
@@ -178,9 +191,7 @@ def restore_checkpoint(directory: str, template: TrainState, step: Optional[int]
     import orbax.checkpoint as ocp
 
     with _manager(directory) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint under {directory!r}.")
+        step = _step(mngr, directory, step)
         abstract = jax.tree_util.tree_map(
             lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(a),
             flax.serialization.to_state_dict(template),
@@ -194,7 +205,5 @@ def read_checkpoint_metadata(directory: str, step: Optional[int] = None) -> dict
     import orbax.checkpoint as ocp
 
     with _manager(directory) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint under {directory!r}.")
+        step = _step(mngr, directory, step)
         return json.loads(json.dumps(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))

@@ -108,6 +108,8 @@ def test_checkpoint_resume_gives_the_same_next_loss(llama, tmp_path):
     assert float(next_loss) == float(resumed_loss)
     meta = T.read_checkpoint_metadata(str(tmp_path / "ckpt"))
     assert meta["active"] == ["default"]
+    with pytest.raises(ValueError, match=r"has no checkpoint step 2; it has \[3\]"):
+        T.restore_checkpoint(str(tmp_path / "ckpt"), T.create_train_state(pm, tx), step=2)
     assert MissConfig.from_dict(meta["adapters"]["default"]) == pm.peft_config["default"]
 
 
