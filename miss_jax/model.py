@@ -418,6 +418,12 @@ class MissModel:
             arrays,
         )
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generates with the active adapters (see `miss_jax.generation.generate`)."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
     # ------------------------------------------------------------------ PEFT folders (interop)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
