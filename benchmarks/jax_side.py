@@ -51,11 +51,14 @@ def main(settings_path: str, out_path: str) -> None:
     write_json(out_path, result)
 
 
-def _compiles(jitted: Any) -> int:
-    """How many programs a jitted function compiled (one per shape when nothing recompiles; -1 if the
-    JAX version does not say)."""
-    size = getattr(jitted, "_cache_size", None)
-    return size() if callable(size) else -1
+def _counted(fn: Callable[..., Any], traces: list[int]) -> Callable[..., Any]:
+    """`fn`, counting its Python runs in `traces[0]` (under `jit`: its traces)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        traces[0] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class JaxSuite:
@@ -73,6 +76,10 @@ class JaxSuite:
 
         self.jax, self.jnp, self.optax = jax, jnp, optax
         self.spec, self.settings = spec, settings
+        self.full_traces = [0]  # traces of the full fine-tuning step
+        from miss_jax import tree
+
+        self.tree = tree
         cls = getattr(transformers, "Flax" + spec.model_class)
         self.model = cls.from_pretrained(os.path.join(settings.workdir, spec.name, "flax"))
         self.base = unfreeze(self.model.params)
@@ -109,18 +116,28 @@ class JaxSuite:
         import numpy as np
 
         out: dict[str, Any] = {"compiles": {}}
-        logits = self.forward(self.base, self.model_inputs)
+        logits = self.forward(self.base, specs.logits_inputs(self.spec, self.model_inputs))
         np.save(os.path.join(self.settings.workdir, self.spec.name, "jax_logits.npy"), np.asarray(logits),
                 allow_pickle=False)
         self.baseline = self.memory.current()  # the base model, loaded and compiled
+        if self.spec.suite == "long":
+            out["long"] = self._long_cases(out["compiles"])
+            return out
         models = {v: self._miss_model(v) for v in specs.VARIANTS}
+        from miss_jax.model import trace_count
+
         out["forward"] = self._forward_cases(models)
+        for variant, pm in models.items():  # traces of each jitted program: 1 when nothing recompiled
+            out["compiles"][f"forward/{variant}"] = trace_count(pm.plan)
         out["flops"] = self._forward_flops(models)
+        traced = {variant: trace_count(pm.plan) for variant, pm in models.items()}
         out["train"] = self._train_cases(models, out["compiles"])
         for variant, pm in models.items():
-            out["compiles"][f"forward/{variant}"] = _compiles(pm._forward)
+            out["compiles"][f"train/{variant}"] = trace_count(pm.plan) - traced[variant]
         out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
         del models
+        if self.spec.generate[0]:
+            out["generate"] = self._generate_cases()
         out["create"] = {v: self._create(v) for v in specs.VARIANTS}
         out["merge_and_unload"] = {v: self._merge(v) for v in specs.VARIANTS}
         out["copy_kernels"] = self._copy_kernels()
@@ -136,6 +153,69 @@ class JaxSuite:
         self.model.params = self.base
         forward.add("merged", lambda: lambda: self.forward(merged, self.model_inputs))
         return forward.run(self.settings.repeats)
+
+    def _long_cases(self, compiles: dict[str, int]) -> dict[str, dict]:
+        """A balance train step at length, as a user runs it: `balance/plain` (transformers' attention, the
+        plain loss), `balance` (blockwise attention, the chunked loss) and `balance+remat` (and per-layer
+        gradient checkpointing). `compiles` gets each step's traces while it was built and warmed up."""
+        from miss_jax import losses
+        from miss_jax.model import trace_count
+        from miss_jax.train import create_train_state, make_train_step
+
+        rounds = self._rounds()
+        rng = self.jax.random.PRNGKey(0)
+        plan = self._miss_model("balance").plan  # every case's: they differ in how the forward runs, not in it
+
+        def case(name: str, efficient: bool, remat: bool) -> None:
+            def build() -> Callable[[], Any]:
+                pm = self._miss_model("balance")
+                loss_fn = self.loss_fn
+                if efficient:
+                    pm.set_attn_implementation("blockwise")
+                    loss_fn = losses.ChunkedCausalLMLoss()
+                if remat:
+                    pm.gradient_checkpointing_enable()
+                step = make_train_step(pm, self.tx, loss_fn)
+                box: dict[str, Any] = {}
+
+                def run() -> Any:
+                    if not box:  # built on the first call, so that the group counts it as this case's memory
+                        box["state"] = create_train_state(pm, self.tx)
+                    box["state"], loss = step(pm.params, box["state"], self.batch, rng)
+                    return loss
+
+                return run
+
+            before = trace_count(plan)
+            rounds.add(name, build)
+            compiles[f"long/{name}"] = trace_count(plan) - before
+
+        case("balance/plain", efficient=False, remat=False)
+        case("balance", efficient=True, remat=False)
+        case("balance+remat", efficient=True, remat=True)
+        return rounds.run(self.settings.repeats)
+
+    def _generate_cases(self) -> dict[str, dict]:
+        """Greedy generate (KV cache, every token produced): the merged balance model's own `generate`
+        (jitted as a user would) and `MissModel.generate` with the balance adapter unmerged."""
+        _, prompt, new = self.spec.generate
+        inputs = {k: self.jnp.asarray(v) for k, v in specs.generate_inputs(self.spec).items()}
+        options = dict(max_new_tokens=new, min_length=prompt + new, do_sample=False, pad_token_id=0)
+        rounds = self._rounds()
+
+        def merged() -> Callable[[], Any]:
+            plain, params = self._miss_model("balance").merge_and_unload(return_params=True)
+            run = self.jax.jit(lambda p, ids, mask: plain.generate(ids, attention_mask=mask, params=p,
+                                                                    **options).sequences)
+            return lambda: run(params, inputs["input_ids"], inputs["attention_mask"])
+
+        def unmerged() -> Callable[[], Any]:
+            pm = self._miss_model("balance")
+            return lambda: pm.generate(inputs["input_ids"], inputs["attention_mask"], **options).sequences
+
+        rounds.add("merged", merged)
+        rounds.add("balance", unmerged)
+        return rounds.run(self.settings.repeats)
 
     def _forward_flops(self, models: dict[str, Any]) -> dict[str, Optional[float]]:
         """XLA's count of floating-point operations in each compiled forward (`cost_analysis`): the work
@@ -162,7 +242,7 @@ class JaxSuite:
         out = train.run(self.settings.repeats)
         for case, (_, step, facts) in steps.items():
             out[case]["hlo"] = facts()
-            compiles[f"train/{case}"] = _compiles(step)
+        compiles["train/full"] = self.full_traces[0]
         return out
 
     def _train_miss(self, pm: Any) -> tuple[Callable[[], Any], Any, Callable[[], dict]]:
@@ -189,7 +269,7 @@ class JaxSuite:
 
     def _frozen_kernel_shapes(self, pm: Any) -> set[tuple[int, ...]]:
         """Shapes (and transposes) of the adapted layers' kernels, which the MiSS step must not differentiate."""
-        shapes = {tuple(self._get(self.base, layer.path)["kernel"].shape) for layer in pm.plan.spec("default").layers}
+        shapes = {tuple(self.tree.get(self.base, layer.path)["kernel"].shape) for layer in pm.plan.spec("default").layers}
         return shapes | {s[::-1] for s in shapes}
 
     def _train_full(self) -> tuple[Callable[[], Any], Any, Callable[[], dict]]:
@@ -205,7 +285,7 @@ class JaxSuite:
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
-        jitted = jax.jit(step, donate_argnums=(0, 1))
+        jitted = jax.jit(_counted(step, self.full_traces), donate_argnums=(0, 1))
         box: dict[str, Any] = {}
         rng = jax.random.PRNGKey(0)
 
@@ -246,16 +326,10 @@ class JaxSuite:
         """Reference for merge_and_unload: a jitted copy of the same kernels (one pass over them), measured
         like the merges (fresh memory each run)."""
         pm = self._miss_model("balance")
-        kernels = [self._get(self.base, layer.path)["kernel"] for layer in pm.plan.spec("default").layers]
+        kernels = [self.tree.get(self.base, layer.path)["kernel"] for layer in pm.plan.spec("default").layers]
         copy = self.jax.jit(lambda ks: [self.jnp.copy(k) for k in ks])
         return timing.measure_fresh(lambda: None, lambda _: copy(kernels), self._sync, self.settings.repeats,
                                     self.memory, self.baseline)
-
-    @staticmethod
-    def _get(tree: Any, path: tuple[str, ...]) -> Any:
-        for p in path:
-            tree = tree[p]
-        return tree
 
 
 

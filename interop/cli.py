@@ -5,7 +5,8 @@
     miss-jax inspect ADAPTER_DIR
 
 Exit codes: 0 success, 1 `check` found a difference beyond `--atol`, 2 bad usage or bad input
-(missing folder, wrong kind of folder, ...), with the reason on stderr.
+(missing folder, wrong kind of folder, ...), with the reason in one line on stderr (no traceback;
+set MISS_JAX_TRACEBACK=1 to get one for an unexpected error). No command writes into its inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -29,12 +30,19 @@ _EXAMPLES = {
     ],
     "inspect": ["miss-jax inspect ./my-adapter"],
 }
-_EXIT_CODES = "exit codes: 0 success, 1 check beyond --atol, 2 bad usage or input (reason on stderr)"
+_EXIT_CODES = {  # the exit-code line of each command's --help (and of `miss-jax --help`: None)
+    "check": "exit codes: 0 within --atol, 1 beyond --atol, 2 bad usage or input (reason on stderr)",
+    None: "exit codes: 0 success, 1 `check` beyond its --atol, 2 bad usage or input (reason on stderr)",
+}
+_OTHER_EXIT_CODES = "exit codes: 0 success, 2 bad usage or input (reason on stderr)"
+TRACEBACK_VARIABLE = "MISS_JAX_TRACEBACK"  # set (non-empty) to print the traceback of an unexpected error
 
 
 def _epilog(*commands: str) -> str:
+    """The examples of `commands` and the exit codes: of that command when there is one, else of them all."""
     lines = [line for c in commands for line in _EXAMPLES[c]]
-    return "examples:\n" + "".join(f"  {line}\n" for line in lines) + "\n" + _EXIT_CODES
+    codes = _EXIT_CODES.get(commands[0] if len(commands) == 1 else None, _OTHER_EXIT_CODES)
+    return "examples:\n" + "".join(f"  {line}\n" for line in lines) + "\n" + codes
 
 
 # --------------------------------------------------------------------------- inspect
@@ -63,30 +71,29 @@ def inspect_folder(folder: str) -> list[str]:
 
     Reads the config and the safetensors header only (shapes and dtypes; no tensor data, no model).
     """
-    from safetensors import safe_open
-
     from . import safetensors_io as files
     from .names import PREFIX
 
     config = files.read_config(folder)
-    weights = os.path.join(folder, files.WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        files.read_tensors(folder)  # raises the explanatory error (missing file, or a pickle only)
+    header = files.read_header(folder)
     saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise ValueError(
+            f"{os.path.join(folder, files.CONFIG_NAME)}: modules_to_save must be a list of module names or null, "
+            f"got {saved!r}."
+        )
     counts = {"adapter": 0, "modules_to_save": 0, "bias": 0, "other": 0}
     rows = []
-    with safe_open(weights, "np") as f:
-        for key in sorted(f.keys()):
-            sl = f.get_slice(key)
-            shape, dtype, short = tuple(sl.get_shape()), sl.get_dtype(), key.removeprefix(PREFIX)
-            group = (
-                "adapter" if key.endswith(_BLOCK_SUFFIXES)
-                else "modules_to_save" if _under(short, saved)
-                else "bias" if key.endswith(".bias")
-                else "other"
-            )
-            counts[group] += int(np.prod(shape))
-            rows.append((short, shape, dtype, group))
+    for key, (shape, dtype) in sorted(header.items()):
+        short = key.removeprefix(PREFIX)
+        group = (
+            "adapter" if key.endswith(_BLOCK_SUFFIXES)
+            else "modules_to_save" if _under(short, saved)
+            else "bias" if key.endswith(".bias")
+            else "other"
+        )
+        counts[group] += int(np.prod(shape))
+        rows.append((short, shape, dtype, group))
     variant = _variant(config)
     lines = [
         f"folder:          {os.path.abspath(folder)}",
@@ -126,22 +133,12 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
     The checkpoint holds the trained (active) adapters only; they come back active.
     """
     import jax
-    import orbax.checkpoint as ocp
 
     from miss_jax import MissConfig, MissModel, train
 
     from .torch_ref import load_flax_model
 
-    with train._manager(ckpt_dir) as mngr:
-        restored = mngr.restore(
-            train._step(mngr, ckpt_dir, step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-    meta, state = restored["meta"], restored["state"]
-    if not isinstance(meta, dict) or meta.get("format") != train.CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{ckpt_dir!r} is not a miss-jax training checkpoint (no {train.CHECKPOINT_FORMAT!r} metadata)."
-        )
+    state, meta = train.read_checkpoint(ckpt_dir, step)
     names = list(meta["adapters"])
     flax_model, params = load_flax_model(base_dir)
     # shapes only: the trained values come from the checkpoint
@@ -164,7 +161,17 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
     return model
 
 
-def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[int] = None, step: Optional[int] = None,
+def _refuse_overwriting_inputs(folder: str, inputs: dict[str, str]) -> None:
+    """ValueError if writing `folder` would write into one of the command's `inputs` (`{option: path}`)."""
+    for option, path in inputs.items():
+        if os.path.realpath(folder) == os.path.realpath(path):
+            raise ValueError(
+                f"--out would write {folder!r}, which is {option} ({path!r}): a command never overwrites its own "
+                "input. Pass another --out folder."
+            )
+
+
+def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[Union[int, float]] = None, step: Optional[int] = None,
             adapter_name: Optional[str] = None) -> list[str]:
     """Converts an orbax training checkpoint or a PEFT MiSS folder to a PEFT MiSS folder or a LoRA folder."""
     from miss_jax import MissModel
@@ -175,6 +182,7 @@ def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[int] = No
 
     if not os.path.exists(src):
         raise ValueError(f"Source {src!r} does not exist.")
+    _refuse_overwriting_inputs(out, {"SRC": src, "--base": base_dir})
     if os.path.isfile(os.path.join(src, files.CONFIG_NAME)):
         if to == "peft":
             raise ValueError(f"{src!r} is already a PEFT folder; use --to lora to export it as LoRA.")
@@ -189,6 +197,9 @@ def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[int] = No
         )
     if to == "peft":
         names = [adapter_name] if adapter_name else list(model.active_adapters)
+        for name in names:
+            if name != "default":
+                _refuse_overwriting_inputs(os.path.join(out, name), {"SRC": src, "--base": base_dir})
         model.save_pretrained(out, selected_adapters=names)
         return [f"wrote PEFT MiSS adapter(s) {names} to {out}"]
     name = adapter_name or model.active_adapter
@@ -206,6 +217,24 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _lora_rank(text: str) -> Union[int, float]:
+    """An int rank, or a float energy threshold in (0, 1] (PEFT's `convert_to_lora`)."""
+    from .lora import check_rank
+
+    try:
+        value: Union[int, float] = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int rank or a float threshold, got {text!r}") from None
+    try:
+        check_rank(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -267,9 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=("peft", "lora"), help="output format")
     p.add_argument("--base", required=True, metavar="MODEL_DIR",
                    help="the base model's transformers folder (needed to rebuild the model)")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to write (replaced atomically)")
-    p.add_argument("--rank", type=_positive_int, default=None,
-                   help="LoRA rank (--to lora): bat defaults to full rank; balance/mini below r are SVD-truncated")
+    p.add_argument("--out", required=True, metavar="OUT_DIR",
+                   help="folder to write into (its adapter files replaced atomically, other files kept; "
+                        "not SRC or --base)")
+    p.add_argument("--rank", type=_lora_rank, default=None,
+                   help="LoRA rank (--to lora), as PEFT's convert_to_lora: an int is bat's SVD rank, a float in (0, 1] "
+                        "an energy threshold; balance/mini stay exact at r (default: exact, bat at full rank)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to convert (default: the latest)")
     p.add_argument("--adapter-name", default=None,
                    help="adapter to write (default: the active ones for peft, the first active one for lora)")
@@ -323,11 +355,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except (ValueError, OSError) as e:  # bad input: the message says what and how to fix it
-        print(f"miss-jax {args.command}: error: {e}", file=sys.stderr)
-    except Exception as e:  # anything else is a failure too, never a silent exit 1 ("beyond tolerance")
-        traceback.print_exc()
-        print(f"miss-jax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"miss-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    except Exception as e:  # anything else is a failure too (exit 2, never 1: "beyond tolerance"), in one line
+        if os.environ.get(TRACEBACK_VARIABLE):
+            traceback.print_exc()
+        print(
+            f"miss-jax {args.command}: error: {type(e).__name__}: {_one_line(e)} (unexpected: the input may be "
+            f"malformed; set {TRACEBACK_VARIABLE}=1 for the traceback)",
+            file=sys.stderr,
+        )
     return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ these shapes). Every export here uses `alpha = rank`, so the scaling is 1.
   own conversion (`peft.tuners.lora.conversion._convert_miss_module_to_lora`).
 * bat depends on the base weight: the delta `bat_kernel(W, B) - W` is factored by a truncated SVD
   at the rank asked for (default: full rank, exact); the relative Frobenius error is reported.
-  A balance/mini adapter asked for a rank below `r` is truncated the same way.
+
+The rank follows PEFT's `convert_to_lora`: an int is bat's SVD rank (at most `min(in, out)`); a float
+in (0, 1] an energy threshold (each bat layer keeps the fewest singular values whose squares hold that
+share of the total); balance/mini stay exact at `r` whatever the rank asked (their factors are exact
+and already rank r, so nothing is gained by cutting them).
 
 The other tensors of the folder (`modules_to_save` copies, trained biases) have the same keys in
-both formats and come from `interop.peft_io`; `bias="MiSS_only"` becomes LoRA's `"lora_only"`.
+both formats and come from `interop.state_dict`; `bias="MiSS_only"` becomes LoRA's `"lora_only"`.
 `miss_dropout` becomes `lora_dropout` (both drop the layer input of the adapter path; bat has none).
 
 >>> # tensors, config, report = lora_state_dict(peft_model, "default", rank=None)
@@ -25,16 +29,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
 
-from miss_jax import ops
-from miss_jax.linen import AdapterSpec, _get, block_of, effective_block
+from miss_jax import MissModel, adapters, tree
+from miss_jax.adapters import AdapterSpec
 from miss_jax.targeting import Layer
+from miss_jax.ops import fold_input, to_torch
 
-from . import names, peft_io
+from . import folder_write, names
+from .state_dict import adapter_config_dict, get_peft_model_state_dict
 
 _BIAS = {"none": "none", "all": "all", "MiSS_only": "lora_only"}
 # adapter_config.json fields a MiSS adapter passes on to its LoRA export unchanged
@@ -83,63 +90,86 @@ class LoraReport:
         )
 
 
-def _svd_factors(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncated SVD of `delta` `(out, in)`: `A` `(rank, in)`, `B` `(out, rank)` with `B @ A` the best rank-k fit."""
-    u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    return vt[:rank], u[:, :rank] * s[:rank]
-
-
 def _rel_error(delta: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     norm = float(np.linalg.norm(delta))
     err = float(np.linalg.norm(delta.astype(np.float64) - b.astype(np.float64) @ a.astype(np.float64)))
     return (err / norm if norm else 0.0), norm
 
 
+def check_rank(rank: Optional[Union[int, float]]) -> None:
+    """ValueError unless `rank` is None (exact), a positive int, or a float in (0, 1] (PEFT's rules and messages)."""
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, (int, float, np.integer, np.floating)):
+        raise ValueError(f"The LoRA rank must be an int, a float threshold in (0, 1], or None (exact); got {rank!r}.")
+    if isinstance(rank, (float, np.floating)) and not 0 < rank <= 1:
+        raise ValueError(
+            f"If rank is a float, it is interpreted as a threshold. It must be between 0 and 1 but got {rank}."
+        )
+    if rank == 0:
+        raise ValueError("Passing a rank of 0 doesn't make sense, please pass a valid value.")
+    if rank < 0:
+        raise ValueError(f"The LoRA rank must be positive, got {rank}.")
+
+
+def energy_rank(singular_values: np.ndarray, threshold: float) -> int:
+    """The fewest leading singular values whose squares hold at least `threshold` of the total (PEFT's
+    `_find_cutoff_index`)."""
+    energy = np.cumsum(np.square(singular_values.astype(np.float64)))
+    return int(np.searchsorted(energy, threshold * energy[-1])) + 1
+
+
 def layer_factors(
-    spec: AdapterSpec, layer: Layer, block: Any, kernel: Optional[Any] = None, rank: Optional[int] = None
+    spec: AdapterSpec, layer: Layer, block: Any, kernel: Optional[Any] = None,
+    rank: Optional[Union[int, float]] = None,
 ) -> tuple[np.ndarray, np.ndarray, LayerReport]:
     """LoRA factors of one MiSS layer: `lora_A` `(k, in)`, `lora_B` `(out, k)` (float32) and a report.
 
     `spec` is the adapter (its variant); `block` the layer's `miss_block` (balance `(r, out)`, mini
     `(r, mini_r)`, bat `(out // r, r, r)`); `kernel` the layer's base kernel in `layer.layout` (bat
-    only). `rank=None` means exact (balance/mini: `r`; bat: full rank `min(in, out)`); a rank above
-    the exact one is capped at it.
+    only). `rank` as PEFT's `convert_to_lora` (see the module docstring); None is exact (bat at full
+    rank `min(in, out)`).
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0):
-        raise ValueError(f"The LoRA rank must be a positive integer (or None for exact), got {rank!r}.")
+    check_rank(rank)
     in_f, out_f = layer.in_features, layer.out_features
-    if spec.variant == "bat":
-        if kernel is None:
-            raise ValueError(f"Exporting the bat layer {layer.key} needs its base kernel.")
-        k32 = jnp.asarray(kernel, jnp.float32)
-        delta = np.asarray(ops.to_torch(ops.bat_kernel(k32, block, layer.layout) - k32, layer.layout))
-        k = min(rank or min(in_f, out_f), min(in_f, out_f))
-        a, b = _svd_factors(delta, k)
+    variant = spec.variant
+    if variant.additive:
+        d = variant.effective_block(jnp.asarray(block), out_f)
+        a = np.asarray(fold_input(jnp.eye(in_f, dtype=jnp.float32), d.shape[0])).T  # (r, in): 1 where i % r == j
+        b = np.asarray(d, np.float32).T  # (out, r)
+        # exact: B @ A is the delta; ||delta||_F^2 = sum_j (#inputs folded onto j) * ||D[j]||^2
+        norm = float(np.sqrt(np.sum(a.sum(axis=1, dtype=np.float64) * np.sum(np.square(b, dtype=np.float64), 0))))
+        return a, b, LayerReport(layer.key, variant.name, d.shape[0], 0.0, norm)
+    if kernel is None:
+        raise ValueError(f"Exporting the {variant.name} layer {layer.key} needs its base kernel.")
+    k32 = jnp.asarray(kernel, jnp.float32)
+    delta = np.asarray(to_torch(variant.merge(k32, block, layer.layout) - k32, layer.layout), np.float64)
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    full = min(in_f, out_f)
+    if rank is None:
+        k = full
+    elif isinstance(rank, (float, np.floating)):
+        k = energy_rank(s, float(rank)) if s.any() else 1
     else:
-        d = effective_block(spec, layer, jnp.asarray(block))
-        r = d.shape[0]
-        if rank is None or rank >= r:
-            a = np.asarray(ops.fold_input(jnp.eye(in_f, dtype=jnp.float32), r)).T  # (r, in): 1 where i % r == j
-            b = np.asarray(d, np.float32).T  # (out, r)
-            # exact: B @ A is the delta; ||delta||_F^2 = sum_j (#inputs folded onto j) * ||D[j]||^2
-            norm = float(np.sqrt(np.sum(a.sum(axis=1, dtype=np.float64) * np.sum(np.square(b, dtype=np.float64), 0))))
-            return a, b, LayerReport(layer.key, spec.variant, r, 0.0, norm)
         k = int(rank)
-        delta = np.asarray(ops.balance_delta(d.astype(jnp.float32), in_f, "torch"))
-        a, b = _svd_factors(delta, k)
+    if k > full:
+        raise ValueError(
+            f"The chosen rank {k} is larger than the weight shape ({full}) of {layer.key}, please choose a lower rank."
+        )
+    a, b = vt[:k], u[:, :k] * s[:k]
     err, norm = _rel_error(delta, a, b)
-    return a.astype(np.float32), b.astype(np.float32), LayerReport(layer.key, spec.variant, int(k), err, norm)
+    return a.astype(np.float32), b.astype(np.float32), LayerReport(layer.key, variant.name, k, err, norm)
 
 
-def lora_config_dict(peft_model: Any, adapter_name: str, reports: tuple[LayerReport, ...]) -> dict[str, Any]:
+def lora_config_dict(peft_model: MissModel, adapter_name: str, reports: tuple[LayerReport, ...]) -> dict[str, Any]:
     """The LoRA `adapter_config.json` object of an export: `lora_alpha = r` (scaling 1), and layers whose
     rank differs from the most common one listed in `rank_pattern` / `alpha_pattern` (as PEFT's own
     conversion does)."""
-    miss = peft_io.adapter_config_dict(peft_model, adapter_name)
+    miss = adapter_config_dict(peft_model, adapter_name)
     config = peft_model.peft_config[adapter_name]
     r = collections.Counter(rep.rank for rep in reports).most_common(1)[0][0]
     pattern = {rep.key: rep.rank for rep in reports if rep.rank != r}
-    layers = peft_model._specs[adapter_name].layers
+    layers = peft_model.plan.spec(adapter_name).layers
     return {
         **{k: miss[k] for k in _SHARED_FIELDS},
         "peft_type": "LORA",
@@ -148,7 +178,7 @@ def lora_config_dict(peft_model: Any, adapter_name: str, reports: tuple[LayerRep
         "lora_alpha": r,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "lora_dropout": 0.0 if config.variant == "bat" else config.miss_dropout,
+        "lora_dropout": config.miss_dropout if peft_model.plan.spec(adapter_name).variant.additive else 0.0,
         # GPT-2's Conv1D stores (in, out); PEFT's LoRA needs fan_in_fan_out=True for it
         "fan_in_fan_out": any(layer.layout == "torch" for layer in layers),
         "bias": _BIAS[config.bias],
@@ -161,28 +191,32 @@ def lora_config_dict(peft_model: Any, adapter_name: str, reports: tuple[LayerRep
 
 
 def lora_state_dict(
-    peft_model: Any, adapter_name: str = "default", rank: Optional[int] = None, progress: bool = False
+    peft_model: MissModel, adapter_name: str = "default", rank: Optional[Union[int, float]] = None,
+    progress: bool = False, adapter_params: Optional[Mapping] = None, params: Optional[Mapping] = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], LoraReport]:
     """The LoRA export of adapter `adapter_name`: (tensors by PEFT key, adapter_config.json object, report).
 
     Keys: `base_model.model.<torch path>.lora_A.weight` `(k, in)` and `.lora_B.weight` `(out, k)`
     (float32), plus the adapter's `modules_to_save` copies and trained biases under their MiSS keys.
     `rank`: see `layer_factors`. The adapter must not be merged (the export is relative to the base weights).
+    `adapter_params` / `params` (default: the model's) are the trees to read, e.g. gathered from several hosts.
     """
     from tqdm.auto import tqdm
 
-    peft_model._check_name(adapter_name)
+    spec = peft_model.plan.spec(adapter_name)
     if peft_model.merged_adapters:
         raise ValueError(
             f"Adapters {peft_model.merged_adapters} are merged into the base weights; call unmerge_adapter() before "
             "exporting to LoRA (the export is relative to the unmerged base weights)."
         )
-    spec = peft_model._specs[adapter_name]
-    tensors = {k: np.asarray(v) for k, v in peft_io.get_peft_model_state_dict(peft_model, adapter_name).items()}
+    adapter_params = peft_model.adapter_params if adapter_params is None else adapter_params
+    params = peft_model.params if params is None else params
+    state = get_peft_model_state_dict(peft_model, adapter_name, adapter_params=adapter_params)
+    tensors = {k: np.asarray(v) for k, v in state.items()}
     reports = []
-    for layer in tqdm(spec.layers, desc=f"LoRA export ({spec.variant})", disable=not progress, leave=False):
-        kernel = _get(peft_model.params, layer.path)["kernel"] if spec.variant == "bat" else None
-        block = block_of(peft_model.adapter_params, adapter_name, layer)
+    for layer in tqdm(spec.layers, desc=f"LoRA export ({spec.variant.name})", disable=not progress, leave=False):
+        kernel = None if spec.variant.additive else tree.get(params, layer.path)["kernel"]
+        block = adapters.block(adapter_params, adapter_name, layer)
         a, b, report = layer_factors(spec, layer, block, kernel, rank)
         del tensors[names.adapter_key(layer.path, names.BLOCK)]
         tensors[names.adapter_key(layer.path, "lora_A", "weight")] = a
@@ -193,10 +227,10 @@ def lora_state_dict(
 
 
 def save_lora(
-    peft_model: Any,
+    peft_model: MissModel,
     save_directory: str,
     adapter_name: str = "default",
-    rank: Optional[int] = None,
+    rank: Optional[Union[int, float]] = None,
     progress: bool = False,
 ) -> LoraReport:
     """Writes adapter `adapter_name` as a PEFT LoRA folder (written beside it, then renamed into place).
@@ -207,5 +241,5 @@ def save_lora(
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file.")
     tensors, config, report = lora_state_dict(peft_model, adapter_name, rank, progress)
-    peft_io.write_folders(save_directory, {"": (config, tensors)})
+    folder_write.write_adapter_folders(save_directory, {"": (config, tensors)})
     return report

@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from miss_jax import MissModel
+
 TORCH_WEIGHTS = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
@@ -174,12 +176,12 @@ def max_abs_diffs(reference: Mapping[str, np.ndarray], other: Mapping[str, np.nd
     return {k: float(np.max(np.abs(reference[k] - other[k]))) if reference[k].size else 0.0 for k in common}
 
 
-def needs_lora_route(jax_model: Any) -> bool:
+def needs_lora_route(jax_model: MissModel) -> bool:
     """True when an adapted layer is a GPT-2-style Conv1D, which PEFT's MiSS cannot load."""
-    return any(layer.layout == "torch" for spec in jax_model._specs.values() for layer in spec.layers)
+    return any(layer.layout == "torch" for spec in jax_model.plan.adapters for layer in spec.layers)
 
 
-def torch_adapter_model(torch_model: Any, adapter_dir: str, jax_model: Any) -> tuple[Any, str]:
+def torch_adapter_model(torch_model: Any, adapter_dir: str, jax_model: MissModel) -> tuple[Any, str]:
     """The torch model with the adapter loaded by PEFT, and the route taken to get it there.
 
     * 'peft-miss': PEFT loads the MiSS folder itself;
@@ -232,7 +234,7 @@ class CheckResult:
         return out
 
 
-def adapter_is_zero(jax_model: Any) -> bool:
+def adapter_is_zero(jax_model: MissModel) -> bool:
     """True when every miss_block of the active adapters is all zeros."""
     import jax
 

@@ -1,17 +1,27 @@
 """miss-jax: MiSS (Matrix Shard Sharing) adapters for JAX/Flax, with PEFT-format interop.
 
-Public API:
+Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   MissConfig, get_peft_model, MissModel  -- PEFT's names and semantics
-  ops                                    -- the pure maths (balance / mini / bat, merge, unmerge)
-  linen                                  -- the functional Linen transform (Plan, apply, merge)
-  nnx                                    -- the NNX transform (MissLinear, apply_miss, merge_and_unload)
+  config                                 -- MissConfig and the PEFT format constants
+  targeting                              -- module discovery and PEFT's target-matching rules
+  ops                                    -- the pure maths and the variant table (balance / mini / bat)
+  tree                                   -- nested-dict pytrees addressed by paths
+  adapters                               -- adapter specs, the static Plan, the adapter pytree
+  linen                                  -- the functional Linen transform (apply, overlay, merge)
+  nnx                                    -- the NNX transform and PEFT's model for NNX (get_peft_model)
+  layer_rules                            -- which NNX layers MiSS adapts, and their kernels' in/out axes
   train                                  -- optax train step, orbax checkpoints
   sharding                               -- mesh rules, sharded adapters, sharded train step
 """
 
-from . import linen, nnx, ops, sharding, train
+from . import adapters, config, layer_rules, linen, nnx, ops, sharding, targeting, train, tree
+from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .model import MissModel, get_peft_model
 
-__all__ = ["MissConfig", "MissModel", "get_peft_model", "linen", "nnx", "ops", "sharding", "train"]
+__all__ = [
+    "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "config", "get_peft_model", "layer_rules", "linen",
+    "nnx", "ops",
+    "sharding", "targeting", "train", "tree",
+]
 __version__ = "0.1.0"

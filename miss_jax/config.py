@@ -7,6 +7,7 @@ JSON shape of PEFT's `adapter_config.json` (`to_dict` / `from_dict`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Union
@@ -82,8 +83,14 @@ class MissConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("target_modules", _names(self.target_modules, "target_modules"))
         set_("exclude_modules", _names(self.exclude_modules, "exclude_modules"))
-        if self.modules_to_save is not None:
-            set_("modules_to_save", _names(list(self.modules_to_save), "modules_to_save"))
+        if isinstance(self.modules_to_save, str):  # one module name (PEFT's list of one)
+            set_("modules_to_save", (self.modules_to_save,))
+        elif self.modules_to_save is not None:
+            set_("modules_to_save", _names(self.modules_to_save, "modules_to_save"))
+        for field in ("r", "mini_r"):  # NumPy integers (e.g. from a sweep) are ints too
+            value = getattr(self, field)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                set_(field, int(value))
         if isinstance(self.layers_to_transform, (list, tuple)):
             set_("layers_to_transform", tuple(self.layers_to_transform))
         if isinstance(self.layers_pattern, list):

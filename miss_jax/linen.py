@@ -1,230 +1,66 @@
 """The Linen transform: MiSS on the Dense layers of any Linen model, without editing its code.
 
-Two mechanisms, both thin users of `ops`:
-  * balance / mini adapters add `fold_input(x) @ D` to a layer's output through a
+Two mechanisms, both thin users of `ops` (docs/DESIGN.md §3):
+  * additive adapters (balance / mini) add `fold_input(x) @ D` to a layer's output through a
     `flax.linen.intercept_methods` interceptor keyed by the layer's scope path (the efficient form);
-  * bat adapters, `modules_to_save` copies and trained biases are overlaid on the params the model
-    is applied with (bat builds the adapted kernel; gradients reach `B` through it).
+  * the other variants (bat), `modules_to_save` copies and trained biases are overlaid on the params
+    the model is applied with (bat builds the adapted kernel; gradients reach `B` through it).
 
-State is functional. `params` is the base model's param tree (untouched). The adapter pytree is
-
-    {"miss":            {adapter: {<module path...>: {"miss_block": block}}},
-     "modules_to_save": {adapter: {<module path...>: <param subtree>}},
-     "bias":            {<module path...>: {"bias": bias}}}
-
-with module paths as nested dicts, mirroring `params`. A `Plan` (static, hashable) says which
-adapters exist, on which layers, and which are applied.
+State is functional: `params` is the base model's param tree (untouched), `adapter_params` the adapter
+pytree of `miss_jax.adapters`, and a `Plan` (static, hashable) says which adapters are applied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax import traverse_util
-from flax.core import unfreeze
 
-from . import ops
-from .config import MissConfig
+from . import adapters, ops, tree
+from .adapters import AdapterSpec, Plan
 from .targeting import Layer
+from .tree import Path
 
 PyTree = Any
-Path = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter: its name, its (resolved) config, the layers it adapts, the module subtrees it saves."""
-
-    name: str
-    config: MissConfig
-    layers: tuple[Layer, ...]
-    saved_modules: tuple[Path, ...] = ()
-    bias_paths: tuple[Path, ...] = ()
-
-    @property
-    def variant(self) -> str:
-        return self.config.variant
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Static description of an adapted model: every adapter, and those applied in the forward.
-
-    `active` lists the adapters whose terms the forward adds (active, not merged, not disabled), in
-    activation order. `saved` is the adapter whose `modules_to_save` copies are used (or None).
-    """
-
-    adapters: tuple[AdapterSpec, ...]
-    active: tuple[str, ...] = ()
-    saved: Optional[str] = None
-
-    def spec(self, name: str) -> AdapterSpec:
-        for s in self.adapters:
-            if s.name == name:
-                return s
-        raise ValueError(f"Unknown adapter {name!r}; this model has {[s.name for s in self.adapters]}.")
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.adapters)
-
-
-def _flat(tree: Mapping) -> dict[Path, Any]:
-    return traverse_util.flatten_dict(unfreeze(tree)) if tree else {}
-
-
-def _get(tree: Mapping, path: Path) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(flat: dict[Path, Any], path: Path, value: Any) -> None:
-    """Writes `value` (a leaf or a subtree) at `path` of a flattened tree."""
-    if isinstance(value, Mapping):
-        for sub, leaf in _flat(value).items():
-            flat[path + sub] = leaf
-    else:
-        flat[path] = value
-
-
-def _nest(flat: dict[Path, Any]) -> dict:
-    return traverse_util.unflatten_dict(flat)
-
-
-def is_abstract(tree: PyTree) -> bool:
-    """True when some leaf is a `jax.ShapeDtypeStruct` (shapes only, e.g. `low_cpu_mem_usage` adapters)."""
-    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def replace_leaves(tree: Mapping, leaves: Mapping[Path, Any]) -> dict:
-    """A copy of `tree` with the leaf at each path of `leaves` replaced; only the dicts on those paths
-    are copied, every other subtree is shared."""
-    out = dict(tree)
-    heads: dict[str, dict[Path, Any]] = {}
-    for path, leaf in leaves.items():
-        if len(path) == 1:
-            out[path[0]] = leaf
-        else:
-            heads.setdefault(path[0], {})[path[1:]] = leaf
-    for head, sub in heads.items():
-        out[head] = replace_leaves(tree[head], sub)
-    return out
-
-
-def block_of(adapter_params: Mapping, name: str, layer: Layer) -> jax.Array:
-    """The `miss_block` of adapter `name` on `layer`."""
-    try:
-        return _get(adapter_params["miss"][name], layer.path)["miss_block"]
-    except KeyError:
-        raise ValueError(f"Adapter params hold no miss_block for adapter {name!r} at {layer.key}.") from None
 
 
 def effective_block(spec: AdapterSpec, layer: Layer, block: jax.Array) -> jax.Array:
-    """Balance `(r, out)` block of a balance/mini adapter (mini tiled over `out`)."""
-    return ops.expand_mini(block, layer.out_features) if spec.variant == "mini" else block
-
-
-# --------------------------------------------------------------------------- creating adapters
-
-
-def init_adapter(spec: AdapterSpec, params: Mapping, rng: jax.Array, abstract: bool = False) -> PyTree:
-    """New adapter params for `spec`: `{"miss": {...}, "modules_to_save": {...}}` (this adapter only).
-
-    Blocks follow `ops.init_block`; `modules_to_save` start as the base subtrees (JAX arrays are
-    immutable, so no copy is made). With `abstract`, leaves are `jax.ShapeDtypeStruct`s.
-    """
-    c = spec.config
-    miss: dict[Path, Any] = {}
-    rngs = jax.random.split(rng, max(len(spec.layers), 1))
-    for layer, key in zip(spec.layers, rngs):
-        make = lambda key=key, layer=layer: ops.init_block(  # noqa: E731
-            key, spec.variant, layer.in_features, layer.out_features, c.r, c.mini_r, random=c.init_weights is False
-        )
-        miss[layer.path + ("miss_block",)] = jax.eval_shape(make) if abstract else make()
-    saved: dict[Path, Any] = {}
-    for path in spec.saved_modules:
-        sub = _get(params, path)
-        _set(saved, path, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sub)
-             if abstract else sub)
-    return {"miss": _nest(miss), "modules_to_save": _nest(saved)}
-
-
-def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...]:
-    """Module paths (param subtrees) whose name equals or ends with an entry of `modules_to_save`.
-
-    Raises if no entry matches (PEFT's task wrappers add names such as "score" that a model may lack).
-    """
-    names = config.modules_to_save or ()
-    found: list[Path] = []
-    modules = sorted({path[:i] for path in _flat(params) for i in range(1, len(path))})
-    for path in modules:
-        key = ".".join(path)
-        if any(key == n or key.endswith("." + n) for n in names) and not any(path[: len(f)] == f for f in found):
-            found.append(path)
-    if names and not found:  # as PEFT, names that match nothing are skipped while another one matches
-        raise ValueError(
-            f"modules_to_save {list(names)} not found in the model's params; top-level modules are "
-            f"{sorted({p[0] for p in _flat(params)})}."
-        )
-    return tuple(found)
-
-
-def find_bias_paths(
-    config: MissConfig, params: Mapping, layers: tuple[Layer, ...], saved: tuple[Path, ...] = ()
-) -> tuple[Path, ...]:
-    """Module paths whose `bias` is trained: every bias ("all") or those of adapted layers ("MiSS_only").
-
-    Biases inside `saved` (modules_to_save) modules are left out: as in PEFT, their copy trains instead.
-    """
-    if config.bias == "all":
-        return tuple(
-            path[:-1] for path in _flat(params)
-            if path[-1] == "bias" and not any(path[: len(s)] == s for s in saved)
-        )
-    if config.bias == "MiSS_only":
-        return tuple(layer.path for layer in layers if layer.has_bias)
-    return ()
+    """The `(r, out)` block an additive adapter adds through on `layer`."""
+    return spec.variant.effective_block(block, layer.out_features)
 
 
 # --------------------------------------------------------------------------- the forward
 
 
 def overlay(plan: Plan, params: Mapping, adapter_params: Mapping) -> dict:
-    """The params the model runs with: trained biases, the `saved` adapter's module copies, and
-    bat-adapted kernels (in activation order) over the base `params`."""
-    flat = _flat(params)
-    for path, leaf in _flat(adapter_params.get("bias", {})).items():
-        flat[path] = leaf
-    if plan.saved is not None:
-        saved = adapter_params.get("modules_to_save", {}).get(plan.saved, {})
-        for path, leaf in _flat(saved).items():
-            flat[path] = leaf
+    """The params the model runs with: trained biases, the `saved` adapters' module copies (disjoint), and
+    the kernels of non-additive (bat) adapters, transformed in activation order, over the base `params`."""
+    flat = tree.flatten(params)
+    flat.update(tree.flatten(adapter_params.get(adapters.BIAS, {})))
+    for name in plan.saved:
+        flat.update(tree.flatten(adapter_params.get(adapters.MODULES_TO_SAVE, {}).get(name, {})))
     for name in plan.active:
         spec = plan.spec(name)
-        if spec.variant != "bat":
+        if spec.variant.additive:
             continue
         for layer in spec.layers:
             k = layer.path + ("kernel",)
-            flat[k] = ops.bat_kernel(flat[k], block_of(adapter_params, name, layer), layer.layout)
-    return _nest(flat)
+            flat[k] = spec.variant.merge(flat[k], adapters.block(adapter_params, name, layer), layer.layout)
+    return tree.unflatten(flat)
 
 
 def additive_terms(plan: Plan, adapter_params: Mapping) -> dict[Path, list[tuple[AdapterSpec, jax.Array]]]:
-    """For each layer path, the (spec, balance block) pairs of the applied balance/mini adapters."""
+    """For each layer path, the (spec, `(r, out)` block) pairs of the applied additive adapters."""
     terms: dict[Path, list[tuple[AdapterSpec, jax.Array]]] = {}
     for name in plan.active:
         spec = plan.spec(name)
-        if spec.variant == "bat":
+        if not spec.variant.additive:
             continue
         for layer in spec.layers:
-            block = effective_block(spec, layer, block_of(adapter_params, name, layer))
+            block = effective_block(spec, layer, adapters.block(adapter_params, name, layer))
             terms.setdefault(layer.path, []).append((spec, block))
     return terms
 
@@ -240,7 +76,7 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
     # Layers whose (bat-adapted) kernel the forward differentiates run on a 2-D view of their input: the
     # kernel gradient is then a plain (T, in)^T @ (T, out) matmul, where for 3-D operands XLA:CPU first
     # transposes copies of both.
-    flat_input = {layer.path for n in plan.active if plan.spec(n).variant == "bat" for layer in plan.spec(n).layers}
+    flat_input = {layer.path for n in plan.active if not plan.spec(n).variant.additive for layer in plan.spec(n).layers}
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__" or not args:
@@ -289,12 +125,12 @@ def apply(
 
 
 def merge_order(plan: Plan, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The order merging applies `names` in: bat adapters first, then balance/mini, each as given.
-
-    This is the order the unmerged forward composes them in, so merged equals unmerged.
+    """The order merging applies `names` in: kernel-transforming (bat) adapters first, then additive
+    ones, each as given. This is the order the unmerged forward composes them in (the overlay builds the
+    kernel, the interceptor adds to its output), so merged equals unmerged.
     """
-    bat = tuple(n for n in names if plan.spec(n).variant == "bat")
-    return bat + tuple(n for n in names if n not in bat)
+    first = tuple(n for n in names if not plan.spec(n).variant.additive)
+    return first + tuple(n for n in names if n not in first)
 
 
 def merge(
@@ -305,28 +141,40 @@ def merge(
     Unmerging undoes the same `merge_order` last-first (bat exactly, through the inverse), so the
     `names` that merged also unmerge. Float32 maths, cast back to each kernel's dtype.
     """
-    flat = _flat(params)
+    flat = tree.flatten(params)
     order = merge_order(plan, names)
     order = order if sign > 0 else order[::-1]
     for spec in (plan.spec(n) for n in order):
+        fn = spec.variant.merge if sign > 0 else spec.variant.unmerge
         for layer in spec.layers:
             k = layer.path + ("kernel",)
-            block = block_of(adapter_params, spec.name, layer)
-            if spec.variant == "bat":
-                fn = ops.bat_kernel if sign > 0 else ops.bat_unmerge
-                flat[k] = fn(flat[k], block, layer.layout)
-            else:
-                flat[k] = ops.merge_balance(flat[k], effective_block(spec, layer, block), layer.layout, sign)
-    return _nest(flat)
+            flat[k] = fn(flat[k], adapters.block(adapter_params, spec.name, layer), layer.layout)
+    return tree.unflatten(flat)
 
 
-def check_finite(params: Mapping, plan: Plan, names: tuple[str, ...]) -> None:
-    """`safe_merge`: raises if a merged kernel of one of `names` holds NaN or inf."""
+def check_mergeable(plan: Plan, adapter_params: Mapping, names: tuple[str, ...]) -> None:
+    """`safe_merge`'s check before merging: every block of `names` is finite, and unmerging it later would
+    give the base kernel back (bat: `I + B` well conditioned). ValueError naming the adapter and layer."""
     for name in names:
-        for layer in plan.spec(name).layers:
-            kernel = _get(params, layer.path)["kernel"]
-            if not bool(jnp.isfinite(kernel).all()):
+        spec = plan.spec(name)
+        for layer in spec.layers:
+            block = adapters.block(adapter_params, name, layer)
+            problem = None if ops.is_finite(block) else "its miss_block holds NaN or inf"
+            problem = problem or spec.variant.unmerge_problem(block)
+            if problem:
                 raise ValueError(
-                    f"NaNs or infs detected in the merged weights of {layer.key}. The adapter {name!r} seems to be "
-                    "broken; the model was left unmerged."
+                    f"Adapter {name!r} cannot be merged safely at {layer.key}: {problem}. The model was left "
+                    "unmerged; fix or retrain the adapter, or use it unmerged."
                 )
+
+
+def check_finite(params: Mapping, plan: Plan, names: tuple[str, ...], action: str = "merging") -> None:
+    """Raises if a kernel of the layers of `names` holds NaN or inf after `action` (the caller keeps the
+    model as it was): `safe_merge`'s check after merging, and every unmerge's."""
+    for layer in {layer.path: layer for n in names for layer in plan.spec(n).layers}.values():
+        if not ops.is_finite(tree.get(params, layer.path)["kernel"]):
+            owners = [n for n in names if layer in plan.spec(n).layers]
+            raise ValueError(
+                f"NaNs or infs detected in the weights of {layer.key} after {action} adapters {owners}; the model "
+                "was left as it was."
+            )

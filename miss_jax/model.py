@@ -1,17 +1,23 @@
 """`MissModel`: PEFT's adapter lifecycle over a transformers Flax model, on the functional core.
 
-The object holds the base model, its params (merged adapters included), the adapter pytree and the
-adapter configs; every computation goes through `miss_jax.linen`'s pure functions, jit-compiled.
+The object holds the base model, its params (merged adapters included), the adapter pytree
+(`miss_jax.adapters`) and the adapter specs; every computation goes through `miss_jax.linen`'s pure
+functions, jit-compiled once per model configuration (two identical models share compiled code).
+Every method that changes the model runs as a `transaction()`: if it raises, the model is left
+exactly as it was.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -20,20 +26,140 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from . import linen
+from . import adapters, attention, linen, remat, tree
+from .adapters import AdapterSpec, Plan
 from .config import MissConfig
-from .linen import AdapterSpec, Path, Plan, _flat, _nest
 from .targeting import Layer, discover, resolve_targets, select
+from .tree import Path
 
 PyTree = Any
+ModelKey = tuple
+
+# --------------------------------------------------------------------------- per-configuration caches
+
+_KEYS: "weakref.WeakKeyDictionary[Any, ModelKey]" = weakref.WeakKeyDictionary()
+_MODELS: "weakref.WeakValueDictionary[ModelKey, Any]" = weakref.WeakValueDictionary()
+_UNIQUE = itertools.count()
+_LAYERS: dict[ModelKey, dict[str, Layer]] = {}
+_LAYERS_KEPT = 16
 
 
-def _count(tree: PyTree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+def model_key(model: Any) -> ModelKey:
+    """A hashable key equal for two transformers Flax models that compute the same function of their params:
+    class, module attributes (config, dtype, ...) and input shape. A model whose config has no JSON repr
+    (e.g. a NumPy scalar in it) gets a key of its own."""
+    if model not in _KEYS:
+        try:  # the module's repr holds its config as JSON, which a config with non-JSON values cannot give
+            key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
+        except (TypeError, ValueError):
+            key = (type(model), "instance", next(_UNIQUE))
+        _KEYS[model] = key
+    return _KEYS[model]
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
+def model_layers(model: Any) -> dict[str, Layer]:
+    """Every layer of a transformers Flax model, `{key: Layer}`, from its own init traced abstractly
+    (nothing is computed); cached per `model_key`, so adapting more models of one configuration traces once."""
+    key = model_key(model)
+    if key not in _LAYERS:
+        if len(_LAYERS) >= _LAYERS_KEPT:
+            _LAYERS.pop(next(iter(_LAYERS)))
+        _LAYERS[key] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+    return dict(_LAYERS[key])
+
+
+def dropout_flags(input_names: Sequence[str], rng: jax.Array) -> dict[str, Any]:
+    """The keyword arguments that turn dropout on in a transformers Flax model's `__call__`: `train=True`
+    (most families) or `deterministic=False` (OPT), with `dropout_rng`."""
+    if "train" in input_names:
+        return {"train": True, "dropout_rng": rng}
+    if "deterministic" in input_names:
+        return {"deterministic": False, "dropout_rng": rng}
+    raise ValueError(f"This model's __call__ takes neither `train` nor `deterministic` ({list(input_names)}).")
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "blockwise")  # transformers' own Flax attention; `miss_jax.attention`'s
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """How the forward runs (static, part of every compiled program's key); not what it computes.
+
+    `remat_policy`: per-layer gradient checkpointing with this `miss_jax.remat` policy (None: off).
+    `attention_block_size`: blockwise attention over query blocks of this size (`miss_jax.attention`;
+    None: the model's own attention).
+    """
+
+    remat_policy: Optional[str] = None
+    attention_block_size: Optional[int] = None
+
+    def context(self) -> contextlib.ExitStack:
+        """The interceptors to trace the forward in."""
+        stack = contextlib.ExitStack()
+        if self.remat_policy is not None:
+            stack.enter_context(remat.checkpointing(self.remat_policy))
+        if self.attention_block_size is not None:
+            stack.enter_context(attention.memory_efficient_attention(self.attention_block_size))
+        return stack
+
+
+_TRACES: "collections.Counter[Plan]" = collections.Counter()
+
+
+def run(
+    model: Any,
+    plan: Plan,
+    params: Mapping,
+    adapter_params: Mapping,
+    kwargs: Mapping[str, Any],
+    options: ForwardOptions = ForwardOptions(),
+) -> Any:
+    """The pure forward: `model(params=..., **kwargs)` with `plan`'s adapters applied (`linen.apply`), run
+    as `options` say."""
+    _TRACES[plan] += 1  # under jit this runs once per trace, not per call
+    _check_positions(model, kwargs)
+    deterministic = not kwargs.get("train", False) and kwargs.get("deterministic", True) is not False
+    call = lambda p: model(params=p, **kwargs)  # noqa: E731  (OPT's own `deterministic` stays in kwargs)
+    with options.context():
+        return linen.apply(plan, call, params, adapter_params, deterministic=deterministic)
+
+
+def max_positions(model: Any) -> Optional[int]:
+    """The longest sequence a transformers model's position embeddings cover (None: no limit, e.g. T5)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ("t5", "mt5"):  # relative position buckets: any length
+        return None
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _check_positions(model: Any, kwargs: Mapping[str, Any]) -> None:
+    ids = kwargs.get("input_ids")
+    limit = max_positions(model)
+    if ids is not None and limit and getattr(ids, "ndim", 0) == 2 and ids.shape[1] > limit:
+        raise ValueError(
+            f"Sequences of {ids.shape[1]} tokens exceed this {type(model).__name__}'s {limit} positions (its "
+            "position embeddings would be reused silently): cut or split the inputs, or build the model with a "
+            "larger max_position_embeddings."
+        )
+
+
+def trace_count(plan: Plan) -> int:
+    """How many times the forward of `plan` ran in Python: once per trace under `jit` (the model's own
+    forward, a train step), so a count that stops growing means nothing recompiles."""
+    return _TRACES[plan]
+
+
+def _forward(params: Mapping, adapter_params: Mapping, traced: dict, *, key: ModelKey, plan: Plan, statics: tuple,
+             options: ForwardOptions):
+    return run(_MODELS[key], plan, params, adapter_params, {**traced, **dict(statics)}, options)
+
+
+_FORWARD = jax.jit(_forward, static_argnames=("key", "plan", "statics", "options"))
+
+
+def _is_static(value: Any) -> bool:
+    """Python scalars and None are static arguments of the forward; arrays and pytrees of them are traced."""
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 @functools.lru_cache(maxsize=32)
@@ -43,32 +169,62 @@ def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, paths: tuple[Path, 
     keeps that sharding, so a sharded model is merged shard by shard, never gathered."""
 
     def merged(kernels: list, adapter_params: Mapping) -> list:
-        tree = _nest({path + ("kernel",): k for path, k in zip(paths, kernels)})
-        out = _flat(linen.merge(plan, tree, adapter_params, names, sign))
+        params = tree.unflatten({path + ("kernel",): k for path, k in zip(paths, kernels)})
+        out = tree.flatten(linen.merge(plan, params, adapter_params, names, sign))
         new = [out[path + ("kernel",)] for path in paths]
         return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(new, shardings)]
 
     return jax.jit(merged)
 
 
-_LAYERS: dict[tuple, dict[str, Layer]] = {}
-_LAYERS_KEPT = 16
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
 
 
-def _model_layers(model: Any) -> dict[str, Layer]:
-    """Every layer of a transformers Flax model, `{key: Layer}`, from its own init traced abstractly
-    (nothing is computed). Cached per model class, module attributes (config, dtype, ...) and input
-    shape, so adapting more models of one configuration traces once."""
-    trace = lambda: discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))  # noqa: E731
-    try:  # the module's repr holds its config as JSON, which a config with non-JSON values cannot give
-        key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
-    except (TypeError, ValueError):
-        return trace()
-    if key not in _LAYERS:
-        if len(_LAYERS) >= _LAYERS_KEPT:
-            _LAYERS.pop(next(iter(_LAYERS)))
-        _LAYERS[key] = trace()
-    return dict(_LAYERS[key])
+def _platforms(leaves: PyTree) -> list[str]:
+    """The device platforms (`cpu`, `gpu`, `tpu`) holding the arrays of `leaves`, sorted."""
+    found = set()
+    for x in jax.tree_util.tree_leaves(leaves):
+        found |= {d.platform for d in x.devices()} if isinstance(x, jax.Array) else {"cpu"}
+    return sorted(found)
+
+
+MISS_LAYER_TYPE = "miss.MissLinear"  # PEFT's `module_type` of an adapted layer
+MODULES_TO_SAVE_TYPE = "ModulesToSaveWrapper"  # ... and of a `modules_to_save` module
+
+
+@dataclasses.dataclass
+class TunerLayerStatus:
+    """PEFT's `TunerLayerStatus` (same fields, same meaning): one adapted layer or `modules_to_save` module."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, str]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Optional[str]
+
+
+@dataclasses.dataclass
+class TunerModelStatus:
+    """PEFT's `TunerModelStatus` (same fields, same meaning): the adapters' state over the whole model."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, str]
+    active_adapters: Union[list[str], str]
+    merged_adapters: Union[list[str], str]
+    requires_grad: dict[str, Union[bool, str]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Optional[str]
 
 
 class MissModel:
@@ -83,7 +239,9 @@ class MissModel:
       seed: seeds the random init (`init_weights=False`).
 
     Calling the object runs the model with the active adapters (jit-compiled) and returns the
-    wrapped model's own output type; `train=True` and `dropout_rng=` enable dropout as in transformers.
+    wrapped model's own output type; `train=True` and `dropout_rng=` enable dropout as in transformers,
+    and so does `train()` mode (as a torch module's). `labels=` adds the loss (`outputs.loss`) as
+    transformers' PyTorch models do.
     """
 
     def __init__(
@@ -102,21 +260,42 @@ class MissModel:
         self.base_model = model
         self.params: dict = unfreeze(params)
         self.model_type: Optional[str] = getattr(getattr(model, "config", None), "model_type", None)
-        self.layers: dict[str, Layer] = _model_layers(model)
-        self.peft_config: dict[str, MissConfig] = {}
-        self.adapter_params: dict = {"miss": {}, "modules_to_save": {}, "bias": {}}
-        self._specs: dict[str, AdapterSpec] = {}
+        self.layers: dict[str, Layer] = model_layers(model)
+        self.adapter_params: dict = adapters.empty()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._specs: dict[str, AdapterSpec] = {}
         self._disabled = False
         self._frozen: set[str] = set()  # adapters in inference mode (PEFT: requires_grad=False)
         self._rng = jax.random.PRNGKey(seed)
+        self.training = False  # `train()` / `eval()`: dropout in `__call__`
+        self.forward_options = ForwardOptions()  # gradient checkpointing, attention implementation
+        self._key = model_key(model)
         self._signature = inspect.signature(model.__call__)
-        self._forward = jax.jit(self._forward_impl, static_argnums=(0, 1))
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
-    # ------------------------------------------------------------------ plan
+    # ------------------------------------------------------------------ state
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: if the body raises, every attribute of the model is restored as it was.
+
+        The whole instance state is snapshotted (its dicts, lists and sets copied; arrays are immutable
+        and shared), so state added to the model later is covered without a list to keep up to date.
+        """
+        before = tree.copy_containers(dict(self.__dict__))
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    @property
+    def peft_config(self) -> dict[str, MissConfig]:
+        """Each adapter's config (targets resolved), by name, in the order they were added."""
+        return {name: spec.config for name, spec in self._specs.items()}
 
     @property
     def active_adapter(self) -> str:
@@ -126,24 +305,35 @@ class MissModel:
         return self.active_adapters[0]
 
     @property
+    def frozen_adapters(self) -> tuple[str, ...]:
+        """Adapters in inference mode (PEFT's `requires_grad=False`): loaded with `is_trainable=False`,
+        or set with `inference_mode=True`."""
+        return tuple(n for n in self._specs if n in self._frozen)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The argument names of the wrapped model's `__call__` (what a batch may feed it)."""
+        return tuple(self._signature.parameters)
+
+    @property
     def plan(self) -> Plan:
         """The static plan of the current state: what the forward applies."""
         active = () if self._disabled else tuple(a for a in self.active_adapters if a not in self.merged_adapters)
-        saved = None
-        if not self._disabled:
-            saved = next((a for a in self.active_adapters if self._specs[a].saved_modules), None)
+        saved = () if self._disabled else tuple(a for a in self.active_adapters if self._specs[a].saved_modules)
         return Plan(tuple(self._specs.values()), active, saved)
 
-    def _check_name(self, name: str) -> None:
+    def _spec(self, name: str) -> AdapterSpec:
         if name not in self._specs:
-            raise ValueError(f"Unknown adapter {name!r}; this model has {list(self._specs)}.")
+            raise adapters.unknown_adapter(name, list(self._specs))
+        return self._specs[name]
+
+    def dropout_kwargs(self, rng: jax.Array) -> dict[str, Any]:
+        """The call arguments that enable dropout with `rng` (`train=True`, or OPT's `deterministic=False`)."""
+        return dropout_flags(self.input_names, rng)
 
     # ------------------------------------------------------------------ adapters
 
-    def add_adapter(self, adapter_name: str, config: MissConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`)."""
-        if not isinstance(config, MissConfig):
-            raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
+    def _check_new_name(self, adapter_name: Any) -> None:
         if not isinstance(adapter_name, str) or not adapter_name:
             raise ValueError(f"Adapter names are non-empty strings, got {adapter_name!r}.")
         if adapter_name in self._specs:
@@ -153,43 +343,52 @@ class MissModel:
                 f"Adapter name {adapter_name!r} cannot hold a path separator or start with '.': save_pretrained "
                 "writes each adapter into a sub-folder named after it."
             )
-        if adapter_name in ("miss", "modules_to_save", "bias", "base_model"):
+        if adapter_name in adapters.RESERVED_NAMES:
             raise ValueError(f"Adapter name {adapter_name!r} is reserved; choose another name.")
+        if "\0" in adapter_name or len(adapter_name.encode()) > 255:
+            raise ValueError(
+                f"Adapter name {adapter_name[:40]!r}... cannot be a folder name (a NUL character, or over 255 bytes): "
+                "save_pretrained writes each adapter into a sub-folder named after it; choose a shorter name."
+            )
+
+    def add_adapter(self, adapter_name: str, config: MissConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`).
+
+        `low_cpu_mem_usage=True` creates it abstractly (shapes only), to be filled by `load_adapter`.
+        """
+        if not isinstance(config, MissConfig):
+            raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
+        self._check_new_name(adapter_name)
+        with_bias = [n for n, s in self._specs.items() if s.config.bias != "none"]
+        if config.bias != "none" and with_bias:
+            raise ValueError(
+                f"MissModel supports only 1 adapter with bias (adapter {with_bias[0]!r} has bias="
+                f"{self._specs[with_bias[0]].config.bias!r}). When using multiple adapters, set bias to 'none' for all "
+                "adapters."
+            )
         config = resolve_targets(config, self.layers, self.model_type)
-        layers = select(config, self.layers)
-        saved = linen.find_modules_to_save(config, self.params)
-        bias_paths = linen.find_bias_paths(config, self.params, layers, saved)
-        spec = AdapterSpec(adapter_name, config, layers, saved, bias_paths)
-        self._rng, key = jax.random.split(self._rng)
-        new = linen.init_adapter(spec, self.params, key, abstract=low_cpu_mem_usage)  # validates shapes
-        self._specs[adapter_name] = spec
-        self.peft_config[adapter_name] = config
-        if config.inference_mode:  # as PEFT: an adapter added in inference mode starts frozen
-            self._frozen = self._frozen | {adapter_name}
-        self.adapter_params["miss"][adapter_name] = new["miss"]
-        if spec.saved_modules:
-            self.adapter_params["modules_to_save"][adapter_name] = new["modules_to_save"]
-        bias = _flat(self.adapter_params["bias"])
-        for path in spec.bias_paths:
-            bias.setdefault(path + ("bias",), linen._get(self.params, path)["bias"])
-        self.adapter_params["bias"] = _nest(bias)
+        spec = adapters.make_spec(adapter_name, config, select(config, self.layers), self.params)
+        with self.transaction():
+            self._rng, key = jax.random.split(self._rng)
+            new = adapters.init(spec, self.params, key, abstract=low_cpu_mem_usage)  # validates shapes
+            biases = {path: tree.get(self.params, path)["bias"] for path in spec.bias_paths}
+            self.adapter_params = adapters.with_adapter(self.adapter_params, adapter_name, new, biases)
+            self._specs[adapter_name] = spec
+            if config.inference_mode:  # as PEFT: an adapter added in inference mode starts frozen
+                self._frozen = self._frozen | {adapter_name}
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
-        """Activates one adapter or several (their terms combine, see DESIGN §1).
+        """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1).
 
         As in PEFT, this makes them trainable, or frozen with `inference_mode=True` (the state of adapters
         loaded with `is_trainable=False`): `trainable_params()` refuses frozen active adapters.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
-            self._check_name(n)
+            self._spec(n)
         if len(set(names)) != len(names):
             raise ValueError(f"Adapter names repeat in {names}.")
-        owners = [n for n in names if self._specs[n].saved_modules]
-        if len(owners) > 1:
-            raise ValueError(
-                f"Adapters {owners} each have modules_to_save; only one of them can be active at a time."
-            )
+        adapters.check_saved_modules(self._specs[n] for n in names)
         self.active_adapters = names
         self._frozen = (self._frozen | set(names)) if inference_mode else (self._frozen - set(names))
 
@@ -210,41 +409,48 @@ class MissModel:
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Deletes an adapter and its params (it must not be merged)."""
-        self._check_name(adapter_name)
+        self._spec(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
-        del self._specs[adapter_name], self.peft_config[adapter_name]
-        self._frozen = self._frozen - {adapter_name}
-        self.adapter_params["miss"].pop(adapter_name)
-        self.adapter_params["modules_to_save"].pop(adapter_name, None)
-        still = {p for s in self._specs.values() for p in s.bias_paths}
-        bias = {k: v for k, v in _flat(self.adapter_params["bias"]).items() if k[:-1] in still}
-        self.adapter_params["bias"] = _nest(bias)
-        if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
-            remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self._specs)[:1]
-            if remaining and len(self.active_adapters) == 1:
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{remaining[0]}.")
-            self.set_adapter(remaining)
+        with self.transaction():
+            del self._specs[adapter_name]
+            self._frozen = self._frozen - {adapter_name}
+            still = {p for s in self._specs.values() for p in s.bias_paths}
+            self.adapter_params = adapters.without_adapter(self.adapter_params, adapter_name, still)
+            if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
+                remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self._specs)[:1]
+                if remaining and len(self.active_adapters) == 1:
+                    warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
+                                  f"to {remaining[0]}.")
+                self.set_adapter(remaining)
 
     # ------------------------------------------------------------------ merging
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Merges adapters (default: the active ones) into the base params."""
+        """Merges adapters (default: the active ones) into the base params.
+
+        `safe_merge=True` first checks that each adapter's blocks are finite and, for bat, that `I + B` is
+        well conditioned (condition number <= `ops.MAX_UNMERGE_CONDITION`, so that unmerging restores the
+        base weights), then that every merged kernel is finite; otherwise the model is left unmerged.
+        Without it, an ill-conditioned bat adapter merges, and `unmerge_adapter` then refuses to write
+        NaN into the base weights (or restores them with that conditioning's loss of precision).
+        """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for n in names:
-            self._check_name(n)
+            self._spec(n)
+        plan = self.plan
         todo = tuple(n for n in names if n not in self.merged_adapters)
         if len(todo) < len(names):
             warnings.warn(f"Already merged: {[n for n in names if n in self.merged_adapters]}; skipping them.")
         if not todo:
             return
-        self._require_weights(todo)
-        plan = self.plan
+        self.require_weights(todo)
+        if safe_merge:
+            linen.check_mergeable(plan, self.adapter_params, todo)
         merged = tuple(self.merged_adapters)
         order = linen.merge_order(plan, merged + todo)
         params = self.params
-        if order[: len(merged)] != merged:  # a bat adapter joins merged balance/mini ones: redo in merge order
+        if order[: len(merged)] != merged:  # a bat adapter joins merged additive ones: redo in merge order
             params, todo = self._merged(params, merged, -1), order
         new = self._merged(params, todo, 1)
         if safe_merge:
@@ -253,26 +459,30 @@ class MissModel:
         self.merged_adapters = list(order)
 
     def unmerge_adapter(self) -> None:
-        """Takes every merged adapter out of the base params (bat exactly, through the inverse)."""
+        """Takes every merged adapter out of the base params (bat through the inverse of `I + B`).
+
+        Refuses, leaving the model merged, when that would write NaN or inf into the base weights (a bat
+        adapter with a singular `I + B`; `merge_adapter(safe_merge=True)` refuses such adapters up front).
+        """
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.params = self._merged(self.params, tuple(self.merged_adapters), -1)
+        names = tuple(self.merged_adapters)
+        new = self._merged(self.params, names, -1)
+        linen.check_finite(new, self.plan, names, action="unmerging")
+        self.params = new
         self.merged_adapters = []
 
     def _merged(self, params: Mapping, names: tuple[str, ...], sign: int) -> dict:
         """`params` with `names` merged in (`sign=1`) or taken out (-1): `linen.merge` in one jitted pass
         over the adapted kernels; every other param is shared with `params`, not copied."""
-        paths = tuple(sorted({layer.path for n in names for layer in self.plan.spec(n).layers}))
-        kernels = [jnp.asarray(linen._get(params, path)["kernel"]) for path in paths]
+        plan = self.plan
+        paths = tuple(sorted({layer.path for n in names for layer in plan.spec(n).layers}))
+        kernels = [jnp.asarray(tree.get(params, path)["kernel"]) for path in paths]
         shardings = tuple(k.sharding if len(k.sharding.device_set) > 1 else None for k in kernels)
-        blocks = {"miss": {n: self.adapter_params["miss"][n] for n in names}}
-        new = _merge_fn(self.plan, names, sign, paths, shardings)(kernels, blocks)
-        return linen.replace_leaves(params, {path + ("kernel",): k for path, k in zip(paths, new)})
-
-    def _unloaded_params(self) -> dict:
-        plan = dataclasses.replace(self.plan, active=())
-        return linen.overlay(plan, self.params, self.adapter_params)
+        blocks = {adapters.MISS: {n: self.adapter_params[adapters.MISS][n] for n in names}}
+        new = _merge_fn(plan, names, sign, paths, shardings)(kernels, blocks)
+        return tree.replace_leaves(params, {path + ("kernel",): k for path, k in zip(paths, new)})
 
     def merge_and_unload(
         self,
@@ -286,8 +496,8 @@ class MissModel:
         `modules_to_save` copies of the active adapter and trained biases replace the base ones. With
         `return_params=True` it returns `(model, params)` and leaves `model.params` alone: the form for
         models made with `_do_init=False` (e.g. sharded ones), whose params live outside the model.
+        `progressbar` is accepted for PEFT's signature: the merge is one fused jit pass.
         """
-        del progressbar  # one fused jit pass; nothing to report per layer
         if not return_params:
             self._check_settable()
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
@@ -298,7 +508,7 @@ class MissModel:
 
         `return_params=True` returns `(model, params)` instead of setting `model.params`.
         """
-        params = self._unloaded_params()
+        params = linen.overlay(dataclasses.replace(self.plan, active=()), self.params, self.adapter_params)
         if return_params:
             return self.base_model, params
         self._check_settable()
@@ -317,7 +527,6 @@ class MissModel:
 
     def trainable_params(self) -> dict:
         """The pytree a train step differentiates: active unmerged blocks, the saved module copies, biases."""
-        plan = self.plan
         if self.merged_adapters:
             raise ValueError("Adapters are merged; call unmerge_adapter() before training.")
         frozen = self._frozen_active()
@@ -327,41 +536,65 @@ class MissModel:
                 f"inference_mode=True). Load them with is_trainable=True, or call set_adapter({frozen!r}) to "
                 "train them."
             )
-        return {
-            "miss": {n: self.adapter_params["miss"][n] for n in plan.active},
-            "modules_to_save": (
-                {plan.saved: self.adapter_params["modules_to_save"][plan.saved]} if plan.saved else {}
-            ),
-            "bias": self.adapter_params["bias"],
-        }
+        return adapters.trainable(self.adapter_params, self.plan)
 
     def _frozen_active(self) -> list[str]:
-        """Active adapters in inference mode (frozen, as PEFT's `requires_grad=False`)."""
         return [n for n in self.plan.active if n in self._frozen]
 
     def update_params(self, trainable: Mapping) -> None:
-        """Writes a (trained) `trainable_params()` pytree back into the adapter params."""
-        for group in ("miss", "modules_to_save"):
-            for name, tree in trainable.get(group, {}).items():
-                self.adapter_params[group][name] = tree
-        if "bias" in trainable:
-            self.adapter_params["bias"] = trainable["bias"]
+        """Writes adapter params back, leaf by leaf: a (trained) `trainable_params()` pytree, or any part of
+        the adapter pytree (`{"miss": {adapter: ...}, "modules_to_save": ..., "bias": ...}`).
+
+        Every leaf must already exist in the adapter pytree, with the same shape and dtype; otherwise
+        ValueError names the leaf and the model is unchanged.
+        """
+        current = tree.flatten(self.adapter_params)
+        new = tree.flatten(trainable)
+        problems = []
+        for path, value in new.items():
+            where = tree.path_str(path)
+            if path not in current:
+                adapters.locate(path)  # a path outside the pytree's groups gets the groups named
+                problems.append(f"{where}: no such adapter param (adapters: {list(self._specs)})")
+            elif not _is_array(value):
+                problems.append(f"{where}: a {type(value).__name__}, not an array")
+            elif tuple(value.shape) != tuple(current[path].shape) or value.dtype != current[path].dtype:
+                problems.append(
+                    f"{where}: {value.dtype}{list(value.shape)}, expected {current[path].dtype}{list(current[path].shape)}"
+                )
+        if problems:
+            raise ValueError("update_params refused, the model is unchanged: " + "; ".join(problems) + ".")
+        current.update({path: jnp.asarray(v) for path, v in new.items()})
+        self.adapter_params = {**adapters.empty(), **tree.unflatten(current)}
+
+    def place(self, params: Mapping, adapter_params: Mapping) -> None:
+        """Replaces the base params and the whole adapter pytree by copies placed elsewhere (e.g. sharded over
+        a mesh by `miss_jax.sharding.shard_peft_model`). Structure, shapes and dtypes must match (abstract
+        adapters may become concrete); otherwise ValueError, and the model is unchanged."""
+        def signature(t: PyTree) -> tuple:
+            leaves, treedef = jax.tree_util.tree_flatten(t)
+            return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+
+        for name, old, new in (("params", self.params, params), ("adapter_params", self.adapter_params, adapter_params)):
+            if signature(old) != signature(new):
+                raise ValueError(f"place(): the new {name} differ from the model's in structure, shape or dtype.")
+        self.params, self.adapter_params = dict(params), dict(adapter_params)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all): all counts the base params plus every adapter's params and module copies."""
         trainable = self.trainable_params() if not (self.merged_adapters or self._frozen_active()) else {}
-        every = {k: v for k, v in self.adapter_params.items() if k != "bias"}
-        return _count(trainable), _count(self.params) + _count(every)
+        every = {k: v for k, v in self.adapter_params.items() if k != adapters.BIAS}
+        return tree.count(trainable), tree.count(self.params) + tree.count(every)
 
     def print_trainable_parameters(self) -> None:
+        """Prints PEFT's line: trainable params, all params, trainable%."""
         t, a = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
-    def _require_weights(self, names: Sequence[str]) -> None:
+    def require_weights(self, names: Sequence[str]) -> None:
+        """Raises if one of the adapters `names` was created with `low_cpu_mem_usage=True` and not loaded yet."""
         for n in names:
-            if linen.is_abstract(self.adapter_params["miss"][n]) or linen.is_abstract(
-                self.adapter_params["modules_to_save"].get(n, {})
-            ):
+            if tree.is_abstract(adapters.own(self.adapter_params, n)):
                 raise ValueError(
                     f"Adapter {n!r} was created with low_cpu_mem_usage=True and has no weights yet: load them with "
                     "load_adapter(...) first."
@@ -369,28 +602,18 @@ class MissModel:
 
     # ------------------------------------------------------------------ forward
 
-    def _call(self, params: Mapping, **kwargs: Any) -> Any:
-        return self.base_model(params=params, **kwargs)
-
-    def _apply(self, plan: Plan, params: Mapping, adapter_params: Mapping, kwargs: dict) -> Any:
-        deterministic = not kwargs.get("train", False)
-        return linen.apply(plan, self._call, params, adapter_params, deterministic=deterministic, **kwargs)
-
-    def _forward_impl(self, plan: Plan, statics: tuple, params: Mapping, adapter_params: Mapping, arrays: dict):
-        kwargs = {**arrays, **dict(statics)}
-        return self._apply(plan, params, adapter_params, kwargs)
-
-    def apply_fn(self, plan: Optional[Plan] = None):
-        """The pure forward `f(params, adapter_params, **model_kwargs)` for `plan` (default: now's).
+    def apply_fn(self, plan: Optional[Plan] = None) -> Callable[..., Any]:
+        """The pure forward `f(params, adapter_params, *args, **model_kwargs)` for `plan` (default: now's), run
+        with the `forward_options` of this moment (gradient checkpointing, attention implementation).
 
         Not jitted, so it composes with `jax.grad`/`jax.jit`/`shard_map` in user code; `adapter_params`
         may be the full pytree or `trainable_params()`.
         """
         plan = plan or self.plan
+        model, options = self.base_model, self.forward_options
 
         def f(params: Mapping, adapter_params: Mapping, *args: Any, **kwargs: Any) -> Any:
-            kwargs = self._bind(args, kwargs)
-            return self._apply(plan, params, adapter_params, kwargs)
+            return run(model, plan, params, adapter_params, self._bind(args, kwargs), options)
 
         return f
 
@@ -404,18 +627,277 @@ class MissModel:
         return out
 
     def __call__(self, *args: Any, params: Optional[Mapping] = None, adapter_params: Optional[Mapping] = None,
-                 **kwargs: Any) -> Any:
+                 labels: Optional[Any] = None, **kwargs: Any) -> Any:
+        """Runs the wrapped model with the active adapters (jitted; arrays and pytrees such as
+        `past_key_values` are traced, Python scalars static). `params` / `adapter_params` override the
+        model's own.
+
+        In `train()` mode dropout is on (the wrapped model's `train=True` / OPT's `deterministic=False`)
+        with `dropout_rng=` if given, else a key split from the model's own stream; an explicit `train=` /
+        `deterministic=` wins. `labels` (as in transformers' PyTorch models) adds `outputs.loss`: see
+        `miss_jax.train.labels_loss` for the heads it covers.
+        """
         plan = self.plan
-        self._require_weights(plan.active + ((plan.saved,) if plan.saved else ()))
+        self.require_weights(plan.applied)
+        if labels is not None and "labels" in self.input_names:  # a model that takes labels itself
+            kwargs["labels"] = labels
+            labels = None
         kwargs = self._bind(args, kwargs)
-        arrays = {k: v for k, v in kwargs.items() if _is_array(v)}
-        statics = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
-        return self._forward(
-            plan,
-            statics,
+        if self.training and "train" not in kwargs and "deterministic" not in kwargs:
+            rng = kwargs.pop("dropout_rng", None)
+            if rng is None:
+                self._rng, rng = jax.random.split(self._rng)
+            kwargs.update(self.dropout_kwargs(rng))
+        statics = tuple(sorted((k, v) for k, v in kwargs.items() if _is_static(v)))
+        traced = {k: v for k, v in kwargs.items() if not _is_static(v)}
+        _MODELS[self._key] = self.base_model
+        outputs = _FORWARD(
             self.params if params is None else params,
             self.adapter_params if adapter_params is None else adapter_params,
-            arrays,
+            traced,
+            key=self._key,
+            plan=plan,
+            statics=statics,
+            options=self.forward_options,
+        )
+        if labels is None:
+            return outputs
+        from .train import labels_loss
+
+        loss = labels_loss(self.base_model, outputs, labels)
+        if isinstance(outputs, tuple):  # return_dict=False: the loss comes first, as in transformers
+            return (loss,) + outputs
+        outputs["loss"] = loss
+        return outputs
+
+    # ------------------------------------------------------------------ long sequences
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+        """Per-layer gradient checkpointing (transformers' / PEFT's name): each transformer layer's activations
+        are recomputed in the backward pass instead of kept (`miss_jax.remat`).
+
+        `gradient_checkpointing_kwargs={"policy": ...}` picks what a layer keeps: "nothing_saveable"
+        (default: least memory), "dots_saveable" / "dots_with_no_batch_dims_saveable" (keep matmul outputs:
+        less recomputation), "offload" (keep them in host memory, where the backend has one). PyTorch's
+        `use_reentrant` is accepted and ignored (JAX's checkpointing has no such distinction). Applies to
+        the forward, train steps and `apply_fn()` made afterwards; gradients are unchanged.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs.pop("use_reentrant", None)
+        policy = kwargs.pop("policy", "nothing_saveable")
+        if kwargs:
+            raise ValueError(
+                f"Unknown gradient_checkpointing_kwargs {sorted(kwargs)}; miss-jax takes 'policy' "
+                f"(one of {list(remat.POLICIES)}) and ignores PyTorch's 'use_reentrant'."
+            )
+        remat.resolve_policy(policy)  # an unknown name fails here, not at the first trace
+        self.forward_options = dataclasses.replace(self.forward_options, remat_policy=policy)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turns per-layer gradient checkpointing off."""
+        self.forward_options = dataclasses.replace(self.forward_options, remat_policy=None)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether per-layer gradient checkpointing is on (transformers' name)."""
+        return self.forward_options.remat_policy is not None
+
+    @property
+    def attn_implementation(self) -> str:
+        """"eager" (the wrapped model's own attention) or "blockwise" (`set_attn_implementation`)."""
+        return "eager" if self.forward_options.attention_block_size is None else "blockwise"
+
+    def set_attn_implementation(self, name: str, block_size: int = 512) -> None:
+        """Chooses the attention implementation of the forward, train steps and `apply_fn()` made afterwards.
+
+        "blockwise" (`miss_jax.attention`) computes causal self-attention `block_size` queries at a time and
+        keeps no `(batch, heads, T, T)` weights for the backward pass; numerically it is the model's own
+        attention (same masks, RoPE, sliding windows). It covers Llama, Mistral, Gemma, GPT-2, GPT-Neo,
+        GPT-J and OPT; other families, cross-attention, generation with a KV cache and
+        `output_attentions=True` run the model's own attention. "eager" is the model's own (the default).
+        """
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"Unknown attention implementation {name!r}; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
+        if name == "blockwise" and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+        size = block_size if name == "blockwise" else None
+        self.forward_options = dataclasses.replace(self.forward_options, attention_block_size=size)
+
+    # ------------------------------------------------------------------ PEFT's torch-module habits
+
+    def train(self, mode: bool = True) -> "MissModel":
+        """Training mode (`mode=True`): `__call__` runs with dropout, as a torch module in `train()` mode.
+        Train steps (`miss_jax.train`) turn dropout on themselves, whatever the mode. Returns the model."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "MissModel":
+        """Evaluation mode (the default of a new model, as transformers' Flax models): no dropout in `__call__`."""
+        return self.train(False)
+
+    def get_base_model(self) -> Any:
+        """The wrapped transformers Flax model (PEFT's `get_base_model`). Its own `.params` are the base
+        params it was made with: the adapters live in this object (`unload()` / `merge_and_unload()` give a
+        plain model with them applied)."""
+        return self.base_model
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config (`peft_model.config`, as in PEFT)."""
+        return self.base_model.config
+
+    def named_parameters(self) -> Iterator[tuple[str, jax.Array]]:
+        """Every param, `(dotted name, array)`, in PEFT's arrangement with Flax leaf names: the base params
+        under `base_model.<path>`, then each adapter's `<layer>.miss_block.<adapter>`, its module copies
+        `<module>.modules_to_save.<adapter>.<leaf>` and the trained biases `<layer>.bias`. JAX arrays have no
+        `requires_grad`: `trainable_params()` is the trainable part, `get_model_status().requires_grad`
+        says which adapters train."""
+        for path, value in tree.flatten(self.params).items():
+            yield "base_model." + ".".join(path), value
+        for path, value in tree.flatten(self.adapter_params).items():
+            ref = adapters.locate(path)
+            if ref.group == adapters.MISS:
+                name = (*ref.module, ref.leaf, ref.adapter)
+            elif ref.group == adapters.MODULES_TO_SAVE:
+                prefix = next(m for m in self._specs[ref.adapter].saved_modules if ref.module[: len(m)] == m)
+                name = (*prefix, ref.group, ref.adapter, *ref.module[len(prefix):], ref.leaf)
+            else:
+                name = (*ref.module, ref.leaf)
+            yield ".".join(name), value
+
+    def parameters(self) -> Iterator[jax.Array]:
+        """Every param array (`named_parameters()` without the names)."""
+        return (value for _, value in self.named_parameters())
+
+    def __repr__(self) -> str:
+        """The adapted model, as PEFT prints it: the wrapped class, each adapter, and every adapted layer
+        with its adapters' blocks (`r`, variant, block shape) and each `modules_to_save` copy."""
+        lines = ["MissModel(", f"  (base_model): {type(self.base_model).__name__}"]
+        for name, spec in self._specs.items():
+            state = [w for w, on in (("active", name in self.active_adapters), ("merged", name in self.merged_adapters),
+                                     ("frozen", name in self._frozen)) if on]
+            lines.append(f"  (adapter {name!r}): MISS {spec.variant.name} r={spec.config.r} bias={spec.config.bias!r}"
+                         f" on {len(spec.layers)} layers" + (f" [{', '.join(state)}]" if state else ""))
+        for status in self.get_layer_status():
+            path = tuple(status.name.split(".")[1:])
+            if status.module_type == MODULES_TO_SAVE_TYPE:
+                lines.append(f"  ({status.name}): {status.module_type}(adapters={status.available_adapters})")
+                continue
+            layer = next(layer for layer in self.layers.values() if layer.path == path)
+            blocks = ", ".join(
+                f"{n}: {self._specs[n].variant.name} {tuple(adapters.block(self.adapter_params, n, layer).shape)}"
+                for n in status.available_adapters
+            )
+            lines.append(f"  ({status.name}): {status.module_type}(in_features={layer.in_features}, "
+                         f"out_features={layer.out_features}, miss_block={{{blocks}}})")
+        if self._disabled:
+            lines.append("  adapters disabled (disable_adapter_layers)")
+        return "\n".join(lines + [")"])
+
+    # ------------------------------------------------------------------ PEFT's status and switches
+
+    def requires_grad(self, adapter_name: str) -> bool:
+        """Whether adapter `adapter_name` trains (PEFT's `requires_grad` of its params): active, not frozen, and
+        adapters not disabled (`disable_adapter_layers` freezes them, as PEFT's). miss-jax trains active
+        adapters only."""
+        self._spec(adapter_name)
+        return not self._disabled and adapter_name in self.active_adapters and adapter_name not in self._frozen
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Unfreezes (`requires_grad=True`) or freezes (False: inference mode) adapters, as PEFT's.
+
+        miss-jax trains active adapters only, so unfreezing an inactive adapter is refused, naming
+        `set_adapter` (PEFT would count it trainable although no forward uses it).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self._spec(n)
+        inactive = [n for n in names if n not in self.active_adapters]
+        if requires_grad and inactive:
+            raise ValueError(
+                f"Adapters {inactive} are not active: miss-jax trains active adapters only. Call "
+                f"set_adapter({(self.active_adapters + inactive)!r}) to activate (and unfreeze) them."
+            )
+        self._frozen = (self._frozen - set(names)) if requires_grad else (self._frozen | set(names))
+
+    def disable_adapter_layers(self) -> None:
+        """Turns every adapter off in place (PEFT's): the model computes the base model until
+        `enable_adapter_layers()`. Merged adapters are unmerged first, as PEFT's layers do."""
+        for name in self.active_adapters:
+            bias = self._specs[name].config.bias
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.")
+        if self.merged_adapters:
+            self.unmerge_adapter()
+        self._disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        """Turns the adapters back on after `disable_adapter_layers()`."""
+        self._disabled = False
+
+    def get_layer_status(self) -> list["TunerLayerStatus"]:
+        """One `TunerLayerStatus` per adapted layer, then per `modules_to_save` module (PEFT's
+        `get_layer_status`; `name` is PEFT's module name, `model.<torch module path>`)."""
+        by_layer: dict[Path, list[str]] = {}
+        for name, spec in self._specs.items():
+            for layer in spec.layers:
+                by_layer.setdefault(layer.path, []).append(name)
+        by_module: dict[Path, list[str]] = {}
+        for name, spec in self._specs.items():
+            for path in spec.saved_modules:
+                by_module.setdefault(path, []).append(name)
+        order = {layer.path: i for i, layer in enumerate(self.layers.values())}
+        out = []
+        for path in sorted(by_layer, key=lambda p: order.get(p, len(order))):
+            names = by_layer[path]
+            leaves = {n: tree.get(self.adapter_params[adapters.MISS][n], path)[adapters.BLOCK] for n in names}
+            out.append(self._status(path, MISS_LAYER_TYPE, names, [n for n in self.merged_adapters if n in names],
+                                    leaves))
+        for path, names in by_module.items():
+            leaves = {n: tree.get(self.adapter_params[adapters.MODULES_TO_SAVE][n], path) for n in names}
+            out.append(self._status(path, MODULES_TO_SAVE_TYPE, names, [], leaves))
+        return out
+
+    def _status(self, path: Path, module_type: str, names: list[str], merged: list[str],
+                leaves: Mapping[str, PyTree]) -> "TunerLayerStatus":
+        return TunerLayerStatus(
+            name=".".join(("model",) + path),
+            module_type=module_type,
+            enabled=not self._disabled,
+            active_adapters=list(self.active_adapters),
+            merged_adapters=merged,
+            requires_grad={n: self.requires_grad(n) for n in names},
+            available_adapters=sorted(names),
+            devices={n: _platforms(leaves[n]) for n in names},
+            quantization_backend=None,
+        )
+
+    def get_model_status(self) -> "TunerModelStatus":
+        """PEFT's `get_model_status`: types, parameter counts and the adapters' state over all layers.
+
+        Each layer agrees with the model (one switch for all), so no field is ever `"irregular"`.
+        """
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        devices: dict[str, set[str]] = {}
+        for status in layers:
+            for n, d in status.devices.items():
+                devices.setdefault(n, set()).update(d)
+        return TunerModelStatus(
+            base_model_type=type(self.base_model).__name__,
+            adapter_model_type=type(self).__name__,
+            peft_types={n: spec.config.peft_type for n, spec in self._specs.items()},
+            trainable_params=trainable,
+            total_params=total,
+            num_adapter_layers=len(layers),
+            enabled=not self._disabled,
+            active_adapters=list(self.active_adapters),
+            merged_adapters=sorted(self.merged_adapters),
+            requires_grad={n: self.requires_grad(n) for n in sorted({n for s in layers for n in s.requires_grad})},
+            available_adapters=sorted(self._specs),
+            devices={n: sorted(d) for n, d in devices.items()},
+            quantization_backend=None,
         )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -426,31 +908,88 @@ class MissModel:
 
     # ------------------------------------------------------------------ PEFT folders (interop)
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
-        """Writes PEFT-format folders (see `interop.peft_io.save_pretrained` for the options; with
-        `as_lora=True` LoRA folders, and it returns each adapter's export report)."""
-        from interop.peft_io import save_pretrained
+    def save_pretrained(
+        self,
+        save_directory: str,
+        selected_adapters: Optional[Sequence[str]] = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        dtype: Optional[Any] = jnp.float32,
+        as_lora: bool = False,
+        lora_rank: Optional[Union[int, float]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        path_initial_model_for_weight_conversion: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Optional[dict[str, Any]]:
+        """Writes adapters as PEFT folders: `default` at the root, the others in sub-folders named after them,
+        and PEFT's model card (`README.md`) unless the folder has one.
 
-        return save_pretrained(self, save_directory, **kwargs)
+        Args:
+          save_directory: the folder (created if needed).
+          selected_adapters: the adapters to save (default: all).
+          safe_serialization: must be True (safetensors; miss-jax never writes pickles).
+          is_main_process: write only if True. Multi-host: call it on every process with
+            `jax.process_index() == 0`; shards other processes hold are gathered, and the other processes
+            build no host copies.
+          dtype: tensor dtype in the file (default float32, as PEFT); None keeps each tensor's dtype.
+          as_lora: write PEFT LoRA folders instead (for vLLM and other LoRA-only servers): exact for
+            balance/mini at rank r, an SVD for bat (see `interop.lora`).
+          lora_rank: with `as_lora`, PEFT's `convert_to_lora` rank: an int (bat's SVD rank), or a float in
+            (0, 1] (bat keeps the fewest singular values holding that share of the energy); balance/mini
+            are exact at r whatever it is. Default: exact (bat at full rank).
+          save_embedding_layers, path_initial_model_for_weight_conversion, **kwargs: PEFT's; what MiSS has
+            no use for is refused naming what to do instead (see `interop.peft_io.save_pretrained`).
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
-        """Loads a PEFT-format folder (torch-made ones too) as adapter `adapter_name`."""
-        from interop.peft_io import load_adapter
+        Returns:
+          None, or with `as_lora` on the main process the `LoraReport` of each adapter.
+        """
+        from interop import save_pretrained
 
-        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        return save_pretrained(self, save_directory, selected_adapters, safe_serialization, is_main_process, dtype,
+                               as_lora, lora_rank, save_embedding_layers=save_embedding_layers,
+                               path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+                               **kwargs)
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, **kwargs: Any) -> None:
+        """Loads the PEFT folder `model_id` (or its `subfolder`; torch-made folders too) as adapter
+        `adapter_name`, not activated (as in PEFT). `is_trainable=False` loads it frozen (inference mode).
+        On any error the model is left unchanged. PEFT's other keywords (`config`, `torch_device`,
+        `autocast_adapter_dtype`, `low_cpu_mem_usage`, ...): see `interop.peft_io.load_adapter`."""
+        from interop import load_adapter
+
+        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, subfolder=subfolder, **kwargs)
 
     @classmethod
     def from_pretrained(
-        cls, model: Any, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+        cls,
+        model: Any,
+        model_id: str,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        subfolder: Optional[str] = None,
+        params: Optional[Mapping] = None,
+        **kwargs: Any,
     ) -> "MissModel":
-        """Wraps `model` with the adapter stored in the PEFT folder `model_id`."""
-        from interop.peft_io import from_pretrained
+        """Wraps `model` with the adapter stored in the PEFT folder `model_id` (or its `subfolder`), active.
 
-        return from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        `is_trainable=False` loads it frozen (inference mode) and in `eval()` mode, as PEFT; `params` as in
+        `MissModel`. PEFT's other keywords (`config`, `autocast_adapter_dtype`, `low_cpu_mem_usage`, ...):
+        see `interop.peft_io.from_pretrained`.
+        """
+        from interop import from_pretrained
+
+        return from_pretrained(cls, model, model_id, adapter_name, is_trainable, subfolder, params, **kwargs)
 
 
 def get_peft_model(
-    model: Any, peft_config: MissConfig, adapter_name: str = "default", **kwargs: Any
+    model: Any,
+    peft_config: MissConfig,
+    adapter_name: str = "default",
+    *,
+    params: Optional[Mapping] = None,
+    low_cpu_mem_usage: bool = False,
+    seed: int = 0,
 ) -> MissModel:
-    """PEFT's entry point: wraps a transformers Flax model with a MiSS adapter."""
-    return MissModel(model, peft_config, adapter_name, **kwargs)
+    """PEFT's entry point: wraps a transformers Flax model with a MiSS adapter (see `MissModel` for the args)."""
+    return MissModel(model, peft_config, adapter_name, params=params, low_cpu_mem_usage=low_cpu_mem_usage, seed=seed)

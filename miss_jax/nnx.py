@@ -1,16 +1,28 @@
-"""MiSS for Flax NNX: `MissLinear` wraps an `nnx.Linear`; `apply_miss` swaps targeted layers in place.
+"""MiSS for Flax NNX: `MissLinear` wraps a layer in place; `MissNnxModel` is PEFT's model over it.
 
 The maths is `miss_jax.ops`; which layers are adapted follows PEFT's matching rules
-(`miss_jax.targeting`), with a layer's key being its path in the NNX graph joined by `.`
-(`layers.0.q_proj`). Adapter blocks are `MissParam` variables, so `wrt=MissParam` trains them alone
-while the base `nnx.Param`s stay frozen.
+(`miss_jax.targeting`) on a layer's key, its path in the NNX graph joined by `.` (`layers.0.attn.q_proj`);
+which layers can be adapted, and how their kernels map to `(in, out)`, is `miss_jax.layer_rules`
+(`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, bridged Linen `Dense` / `DenseGeneral`, and
+registered einsum-style modules such as tunix's). Adapter blocks are `MissParam` variables.
+
+Two levels:
+
+* `apply_miss(model, config, rngs)` adapts a plain NNX model in place (one named adapter; call it
+  again with another name for more): `wrt=MissParam` trains the blocks.
+* `get_peft_model(model, config)` returns a `MissNnxModel` with PEFT's lifecycle: several named
+  adapters (`add_adapter`, `set_adapter`, `delete_adapter`, `disable_adapter`), `bias`,
+  `modules_to_save`, `get_nb_trainable_parameters`, merging, and `trainable` (the optimizer's filter).
+
+Several adapters on one layer compose as in the Linen path (docs/DESIGN.md §1): the kernel-transforming
+(bat) adapters first, in activation order, then the additive terms, summed.
 
 Example usage::
 
   >>> from flax import nnx
   >>> import jax.numpy as jnp, optax
   >>> from miss_jax import MissConfig
-  >>> from miss_jax.nnx import MissLinear, MissParam, apply_miss, merge_and_unload
+  >>> from miss_jax.nnx import MissParam, apply_miss, merge_and_unload
   >>> class MLP(nnx.Module):
   ...   def __init__(self, rngs: nnx.Rngs):
   ...     self.up_proj = nnx.Linear(16, 32, rngs=rngs)
@@ -18,7 +30,7 @@ Example usage::
   ...   def __call__(self, x):
   ...     return self.down_proj(nnx.gelu(self.up_proj(x)))
   >>> model = apply_miss(MLP(nnx.Rngs(0)), MissConfig(r=4, target_modules=["up_proj"]), nnx.Rngs(1))
-  >>> type(model.up_proj).__name__, model.up_proj.miss_block.shape   # balance block (r, out)
+  >>> type(model.up_proj).__name__, model.up_proj.miss_block["default"].shape   # balance block (r, out)
   ('MissLinear', (4, 32))
   >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=MissParam)
   >>> @nnx.jit
@@ -38,30 +50,76 @@ Example usage::
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, Union
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import ops
 from .config import MissConfig
+from .layer_rules import KernelRule, has_rule, rule_for
 from .targeting import Layer, matches, resolve_targets, select
 
 M = TypeVar("M", bound=nnx.Module)
 GraphPath = tuple[Union[str, int], ...]
+DEFAULT = "default"
 
 
 class MissParam(nnx.Param):
     """The variable type of MiSS blocks: filter on it to train adapters only (`wrt=MissParam`)."""
 
 
-class MissLinear(nnx.Module):
-    """An `nnx.Linear` with a MiSS adapter; same call signature, same output shape.
+def composition_order(variants: dict[str, str], names: Sequence[str]) -> tuple[str, ...]:
+    """The order adapters `names` apply (and merge) in: kernel-transforming ones first, then additive ones,
+    each as given (docs/DESIGN.md §1; the Linen path's `linen.merge_order`)."""
+    first = tuple(n for n in names if not ops.variant(variants[n]).additive)
+    return first + tuple(n for n in names if n not in first)
 
-    The base layer is kept as `base_layer` (its `kernel` `(in, out)` and `bias` untouched until
-    `merge`); the adapter is `miss_block`, a `MissParam` of shape balance `(r, out)`,
-    mini `(r, mini_r)` or bat `(out // r, r, r)` (`config.variant`).
+
+def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant, block: jax.Array) -> MissParam:
+    """`block` as a `MissParam` sharded like `kernel`'s `out` axis (the block axis `variant.out_axis` names).
+
+    The kernel's `out_sharding` annotation (and the mesh of its array, if it is sharded) carry over when the
+    kernel's `out` is sharded along its first `out` axis only, and the block's axis divides over those mesh
+    axes; otherwise the block is replicated. A bat block along `out // r` lines up with the kernel's
+    shards whenever it divides: each shard holds whole `r`-row blocks.
+    """
+    names = kernel.get_metadata().get("out_sharding")
+    value = kernel.get_value()
+    mesh = value.sharding.mesh if isinstance(getattr(value, "sharding", None), NamedSharding) else None
+    if names is None and mesh is not None:
+        names = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
+    if names is None:
+        return MissParam(block)
+    axis, size = variant.out_axis(block.shape)
+    first, *rest = (names[a] for a in rule.out_axes)
+    spec: list[Any] = [None] * block.ndim
+    if first is not None and all(r is None for r in rest):
+        mesh_axes = first if isinstance(first, tuple) else (first,)
+        shards = math.prod(mesh.shape[a] for a in mesh_axes) if mesh is not None else 1
+        if size % shards == 0:
+            spec[axis] = first
+    if mesh is not None:
+        block = jax.device_put(block, NamedSharding(mesh, P(*spec)))
+    return MissParam(block, out_sharding=tuple(spec), eager_sharding=False)
+
+
+class MissLinear(nnx.Module):
+    """A layer with MiSS adapters; same call signature, same output shape.
+
+    The base layer is kept as `base_layer` (its kernel and bias untouched until `merge`); adapter `name`'s
+    block is `miss_block[name]`, a `MissParam` of shape balance `(r, out)`, mini `(r, mini_r)` or bat
+    `(out // r, r, r)`, with `in`/`out` the layer's sizes under its `KernelRule` (`rule`). As in PEFT's
+    layer, `active_adapters` are those the forward applies (less `merged_adapters`; none while
+    `disabled`). Attributes it lacks are read from the base layer.
 
       >>> from flax import nnx
       >>> import jax.numpy as jnp
@@ -75,105 +133,223 @@ class MissLinear(nnx.Module):
       True
 
     Args:
-      base_layer: the `nnx.Linear` to adapt.
+      base_layer: the layer to adapt (one with a layer rule, see `miss_jax.layer_rules`).
       config: r, mini_r, miss_dropout and init_weights (the variant) are read from it.
       rngs: `params` stream for a random init (`init_weights=False`); `dropout` stream for
         `miss_dropout > 0` (dropout follows `model.train()` / `model.eval()`, as `nnx.Dropout` does).
+      adapter_name: the adapter's name.
+      param_dtype: the block's dtype.
+      key: the layer's key, for messages.
     """
 
-    def __init__(self, base_layer: nnx.Linear, config: MissConfig, *, rngs: nnx.Rngs):
-        if not isinstance(base_layer, nnx.Linear):
-            raise ValueError(f"MissLinear wraps an nnx.Linear, got {type(base_layer).__name__}.")
+    def __init__(
+        self,
+        base_layer: nnx.Module,
+        config: MissConfig,
+        *,
+        rngs: nnx.Rngs,
+        adapter_name: str = DEFAULT,
+        param_dtype: Any = jnp.float32,
+        key: str = "this layer",
+    ):
         self.base_layer = base_layer
-        self.variant = config.variant
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.rule = rule_for(base_layer, key)
+        self.in_features, self.out_features = self.rule.sizes(self.kernel.shape)
+        self.miss_block = nnx.Dict()
+        self.miss_dropout = nnx.Dict()
+        self.variants: dict[str, str] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.disabled = False
+        self.add_adapter(adapter_name, config, rngs=rngs, param_dtype=param_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the base layer (model code reads e.g. tunix's `o_proj.shape`)."""
+        if name.startswith("_") or name == "base_layer":
+            raise AttributeError(name)
+        return getattr(self.base_layer, name)
+
+    @property
+    def kernel(self) -> nnx.Variable:
+        """The base layer's kernel variable (the rule's `kernel`)."""
+        return getattr(self.base_layer, self.rule.kernel)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the kernel."""
+        return bool(self.merged_adapters)
+
+    def new_block(self, config: MissConfig, rngs: nnx.Rngs, param_dtype: Any = jnp.float32) -> MissParam:
+        """A fresh block for `config` on this layer (ValueError if the layer's shape does not suit it)."""
+        variant = ops.variant(config.variant)
         random = config.init_weights is False
-        block = ops.init_block(
-            rngs.params() if random else None,
-            self.variant,
-            self.in_features,
-            self.out_features,
-            config.r,
-            config.mini_r,
-            random=random,
+        block = variant.init(
+            rngs.params() if random else None, self.in_features, self.out_features, config.r, config.mini_r,
+            random=random, dtype=param_dtype,
         )
-        self.miss_block = MissParam(block)
-        self.dropout = nnx.Dropout(config.miss_dropout, rngs=rngs if config.miss_dropout else None)
-        self.merged = False
+        return _block_variable(self.kernel, self.rule, variant, block)
 
-    def balance_block(self) -> jax.Array:
-        """The `(r, out)` block a balance/mini adapter adds through (a mini block tiled over `out`)."""
-        block = self.miss_block[...]
-        return ops.expand_mini(block, self.out_features) if self.variant == "mini" else block
+    def add_adapter(
+        self, name: str, config: MissConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+        block: Optional[MissParam] = None,
+    ) -> None:
+        """Adds adapter `name` (a new `block`, or the given one), active as the others (PEFT: the first one)."""
+        if name in self.variants:
+            raise ValueError(f"This layer already has an adapter {name!r}.")
+        block = block if block is not None else self.new_block(config, rngs, param_dtype)
+        self.miss_block[name] = block
+        self.miss_dropout[name] = nnx.Dropout(config.miss_dropout, rngs=rngs if config.miss_dropout else None)
+        self.variants = {**self.variants, name: config.variant}
+        if not self.active_adapters:
+            self.active_adapters = (name,)
 
-    def adapted_kernel(self) -> jax.Array:
-        """The `(in, out)` kernel with the adapter merged in (base kernel left unchanged)."""
-        kernel = self.base_layer.kernel[...]
-        if self.variant == "bat":
-            return ops.bat_kernel(kernel, self.miss_block[...], "flax")
-        return ops.merge_balance(kernel, self.balance_block(), "flax")
+    def delete_adapter(self, name: str) -> None:
+        """Removes adapter `name` (it must not be merged)."""
+        if name in self.merged_adapters:
+            raise ValueError(f"Adapter {name!r} is merged here; unmerge it before deleting it.")
+        del self.miss_block[name]
+        del self.miss_dropout[name]
+        self.variants = {k: v for k, v in self.variants.items() if k != name}
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
-    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """`x` `(..., in)` -> `(..., out)`: base output plus the adapter's (or the bat-adapted layer)."""
-        if self.merged:
-            return self.base_layer(x, out_sharding=out_sharding)
-        if self.variant == "bat":  # the base layer's own forward, run with W' (no dropout, as in PEFT)
+    def set_adapter(self, names: Sequence[str]) -> None:
+        """Makes `names` (those this layer has) the active adapters, in that order."""
+        self.active_adapters = tuple(n for n in names if n in self.variants)
+
+    def forward_adapters(self) -> tuple[str, ...]:
+        """The adapters the forward applies, in composition order."""
+        if self.disabled:
+            return ()
+        return composition_order(self.variants, [a for a in self.active_adapters if a not in self.merged_adapters])
+
+    def adapted_kernel(self, names: Sequence[str]) -> jax.Array:
+        """The kernel with adapters `names` merged in, in that order (the kernel variable left unchanged)."""
+        matrix = self.rule.to_matrix(self.kernel.get_value())
+        for name in names:
+            matrix = ops.variant(self.variants[name]).merge(matrix, self.miss_block[name].get_value(), "flax")
+        return self.rule.from_matrix(matrix, self.kernel.shape)
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """`x` `(..., *in_dims)` -> `(..., *out_dims)`: the base layer, run with the bat adapters' kernel,
+        plus the additive adapters' terms."""
+        names = self.forward_adapters()
+        transforming = [n for n in names if not ops.variant(self.variants[n]).additive]
+        additive = [n for n in names if n not in transforming]
+        layer = self.base_layer
+        if transforming:  # the base layer's own forward, run with W' (no dropout, as in PEFT)
             graphdef, state = nnx.split(self.base_layer)
             params = nnx.to_pure_dict(state)
-            params["kernel"] = ops.bat_kernel(params["kernel"], self.miss_block[...], "flax")
-            return nnx.merge(graphdef, params)(x, out_sharding=out_sharding)
-        y = self.base_layer(x, out_sharding=out_sharding)
-        delta = ops.balance_output(self.dropout(x), self.balance_block())
+            params[self.rule.kernel] = self.adapted_kernel(transforming)
+            layer = nnx.merge(graphdef, params)
+        y = layer(x, *args, **kwargs)
+        if not additive:
+            return y
+        shape = self.kernel.shape
+        flat = self.rule.flatten_input(x, shape)
+        delta = sum(
+            ops.balance_output(
+                self.miss_dropout[n](flat),
+                ops.variant(self.variants[n]).effective_block(self.miss_block[n].get_value(), self.out_features),
+            )
+            for n in additive
+        )
+        delta = self.rule.unflatten_output(delta, shape)
         return (y.astype(delta.dtype) + delta).astype(y.dtype)
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """Writes the adapter into `base_layer.kernel` (in place); the forward then skips it.
+    def merge_problem(self, names: Sequence[str]) -> Optional[str]:
+        """Why merging `names` here would not be safe (eager only): a block with NaN or inf, a bat block whose
+        unmerge could not restore the kernel, or a merged kernel with NaN or inf. None when it is safe."""
+        for name in names:
+            block = self.miss_block[name].get_value()
+            if not ops.is_finite(block):
+                return f"adapter {name!r}'s miss_block holds NaN or inf"
+            problem = ops.variant(self.variants[name]).unmerge_problem(block)
+            if problem:
+                return f"adapter {name!r}: {problem}"
+        order = composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        return None if ops.is_finite(self.adapted_kernel(order)) else "the merged kernel holds NaN or inf"
 
-        `safe_merge` checks the merged kernel is finite first (eager only, not under `nnx.jit`).
-        A merged layer is left as it is.
-        """
-        if self.merged:
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Writes adapters (default: the active ones) into the kernel, in composition order; the forward then
+        skips them. `safe_merge` checks `merge_problem` first (eager only, not under `nnx.jit`)."""
+        names = self.active_adapters if adapter_names is None else tuple(n for n in adapter_names if n in self.variants)
+        order = composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        if not order:
             return
-        kernel = self.adapted_kernel()
-        if safe_merge and not bool(jnp.isfinite(kernel).all()):
-            raise ValueError(
-                "Merging this MiSS adapter gives NaN or inf in the kernel; the adapter is broken "
-                "(check its miss_block), so it was not merged."
-            )
-        self.base_layer.kernel[...] = kernel
-        self.merged = True
+        if safe_merge:
+            problem = self.merge_problem(order)
+            if problem:
+                raise ValueError(f"This MissLinear cannot be merged safely: {problem}; it was not merged.")
+        self.kernel.set_value(self.adapted_kernel(order))
+        self.merged_adapters = self.merged_adapters + order
 
     def unmerge(self) -> None:
-        """Takes the adapter back out of `base_layer.kernel` (exact inverse, up to float32 rounding)."""
-        if not self.merged:
+        """Takes every merged adapter back out of the kernel, last merged first (exact inverse, up to
+        rounding). Refuses, leaving the layer merged, when that would write NaN or inf into the kernel (bat
+        with a singular `I + B`; eager only)."""
+        if not self.merged_adapters:
             return
-        kernel = self.base_layer.kernel[...]
-        block = self.miss_block[...]
-        if self.variant == "bat":
-            self.base_layer.kernel[...] = ops.bat_unmerge(kernel, block, "flax")
-        else:
-            self.base_layer.kernel[...] = ops.merge_balance(kernel, self.balance_block(), "flax", sign=-1.0)
-        self.merged = False
+        matrix = self.rule.to_matrix(self.kernel.get_value())
+        for name in reversed(self.merged_adapters):
+            matrix = ops.variant(self.variants[name]).unmerge(matrix, self.miss_block[name].get_value(), "flax")
+        if not isinstance(matrix, jax.core.Tracer) and not ops.is_finite(matrix):
+            raise ValueError(
+                "Unmerging this MissLinear would write NaN or inf into its kernel (a bat adapter's I + B is "
+                "singular); it stays merged."
+            )
+        self.kernel.set_value(self.rule.from_matrix(matrix, self.kernel.shape))
+        self.merged_adapters = ()
+
+
+class ModulesToSave(nnx.Module):
+    """A module trained in full by adapters (PEFT's `ModulesToSaveWrapper`): `original_module` and one copy
+    per adapter in `modules_to_save`; calls (and attribute look-ups such as tunix's `embedder.encode`) go to
+    the `active` adapter's copy, or to the original while none is active or adapters are disabled."""
+
+    def __init__(self, original_module: nnx.Module):
+        self.original_module = original_module
+        self.modules_to_save = nnx.Dict()
+        self.active: Optional[str] = None
+        self.disabled = False
+
+    def in_use(self) -> nnx.Module:
+        """The module calls go to."""
+        if self.disabled or self.active is None:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.in_use()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("original_module", "modules_to_save", "active", "disabled"):
+            raise AttributeError(name)
+        return getattr(self.in_use(), name)
 
 
 def _modules(model: nnx.Module) -> dict[GraphPath, nnx.Module]:
-    """Every submodule by graph path, except the insides of `MissLinear`s."""
+    """Every submodule by graph path, except the insides of `MissLinear`s and `ModulesToSave`s."""
     found = {path: node for path, node in nnx.iter_graph(model) if path and isinstance(node, nnx.Module)}
-    adapted = [path for path, node in found.items() if isinstance(node, MissLinear)]
+    wrapped = [path for path, node in found.items() if isinstance(node, (MissLinear, ModulesToSave))]
     return {
         path: node
         for path, node in found.items()
-        if not any(path[: len(a)] == a and len(path) > len(a) for a in adapted)
+        if not any(path[: len(a)] == a and len(path) > len(a) for a in wrapped)
     }
 
 
-def _key(path: GraphPath) -> str:
+def key_of(path: GraphPath) -> str:
+    """A graph path as a layer key: `("layers", 0, "attn", "q_proj")` -> `"layers.0.attn.q_proj"`."""
     return ".".join(map(str, path))
 
 
+def _children(node: nnx.Module) -> bool:
+    return any(isinstance(v, nnx.Module) for _, v in nnx.iter_children(node))
+
+
 def discover(model: nnx.Module) -> dict[str, Layer]:
-    """The model's modules as `targeting.Layer`s by key; `nnx.Linear`s carry layout 'flax' and shapes.
+    """The model's modules as `targeting.Layer`s by key; layers with a layer rule carry their sizes
+    (`in_features`, `out_features` of the rule's `(in, out)` view) and layout 'flax'.
 
     >>> from flax import nnx
     >>> discover(nnx.Sequential(nnx.Linear(3, 5, rngs=nnx.Rngs(0))))["layers.0"].out_features
@@ -181,19 +357,29 @@ def discover(model: nnx.Module) -> dict[str, Layer]:
     """
     layers = {}
     for path, node in _modules(model).items():
-        names = tuple(map(str, path))
-        if isinstance(node, nnx.Linear):
-            layers[_key(path)] = Layer(
-                names, type(node).__name__, "flax", node.in_features, node.out_features, node.bias is not None
-            )
-        else:
-            layers[_key(path)] = Layer(names, type(node).__name__)
+        names, key = tuple(map(str, path)), key_of(path)
+        base = node.base_layer if isinstance(node, MissLinear) else node
+        try:
+            rule = rule_for(base, key) if has_rule(base) else None
+        except ValueError:
+            rule = None
+        if rule is None:
+            layers[key] = Layer(names, type(node).__name__)
+            continue
+        in_f, out_f = rule.sizes(getattr(base, rule.kernel).shape)
+        has_bias = rule.bias is not None and isinstance(getattr(base, rule.bias, None), nnx.Variable)
+        layers[key] = Layer(names, type(node).__name__, "flax", in_f, out_f, has_bias)
     return layers
 
 
 def miss_layers(model: nnx.Module) -> dict[str, MissLinear]:
     """The model's `MissLinear`s by key, e.g. to merge them all: `for m in miss_layers(model).values(): m.merge()`."""
-    return {_key(path): node for path, node in _modules(model).items() if isinstance(node, MissLinear)}
+    return {key_of(path): node for path, node in _modules(model).items() if isinstance(node, MissLinear)}
+
+
+def saved_modules(model: nnx.Module) -> dict[str, ModulesToSave]:
+    """The model's `ModulesToSave` wrappers by key."""
+    return {key_of(path): node for path, node in _modules(model).items() if isinstance(node, ModulesToSave)}
 
 
 _CONTAINERS = (list, dict, nnx.List, nnx.Dict)  # children by item; any other node's children are attributes
@@ -210,57 +396,412 @@ def _replace(model: nnx.Module, path: GraphPath, new: nnx.Module) -> None:
         setattr(parent, path[-1], new)
 
 
-def apply_miss(model: M, config: MissConfig, rngs: nnx.Rngs) -> M:
-    """Replaces, in place, every `nnx.Linear` that `config` targets by a `MissLinear`; returns `model`.
+def _check_targets(config: MissConfig, modules: dict[GraphPath, nnx.Module], layers: dict[str, Layer]) -> None:
+    """A targeted leaf module with no usable layer rule: ValueError naming it and the fix (`rule_for`'s)."""
+    for path, node in modules.items():
+        key = key_of(path)
+        if matches(config, key) and not layers[key].is_linear and not _children(node):
+            rule_for(node.base_layer if isinstance(node, MissLinear) else node, key)
 
-    Matching follows PEFT (`target_modules` names match a key exactly or as a `.`-suffix; a string
-    is a full-match regex; `"all-linear"`; `layers_to_transform`, `exclude_modules`). As in PEFT,
-    `layers_to_transform` reads the layer index after a named segment: for a top-level list
-    (`layers.0.q_proj`) pass `layers_pattern="layers"`. Call it again with other targets to put a
-    different variant elsewhere.
 
-    Raises ValueError, changing nothing, if a target matches nothing or a non-Linear module, a
-    layer is already adapted, or a layer's shape does not suit `r` / the variant. `bias` and
-    `modules_to_save` are not supported here: train those modules by adding them to the
-    optimizer's `wrt` filter.
+def select_layers(model: nnx.Module, config: MissConfig) -> tuple[MissConfig, tuple[Layer, ...]]:
+    """`config` with its targets resolved on `model`, and the layers it adapts (PEFT's rules on graph keys).
+
+    ValueError, as `targeting.select`, for targets that match nothing or a module that is not a layer,
+    and naming `miss_jax.layer_rules.register` for a targeted layer of a class with no rule.
     """
-    if config.bias != "none" or config.modules_to_save:
-        raise ValueError(
-            f"apply_miss supports bias='none' and no modules_to_save (got bias={config.bias!r}, "
-            f"modules_to_save={config.modules_to_save!r}): in NNX, train biases or whole modules by "
-            "adding them to the optimizer's `wrt` filter instead."
-        )
     if config.target_modules is None:
         raise ValueError(
             "An NNX model has no model_type to pick PEFT's default targets from: pass `target_modules`, "
             "e.g. MissConfig(target_modules=['q_proj', 'v_proj']) or target_modules='all-linear'."
         )
     modules = _modules(model)
-    paths = {_key(path): path for path in modules}
     layers = discover(model)
     config = resolve_targets(config, layers, model_type=None)
-    again = [key for key in layers if isinstance(modules[paths[key]], MissLinear) and matches(config, key)]
+    _check_targets(config, modules, layers)
+    return config, select(config, layers)
+
+
+def apply_miss(
+    model: M,
+    config: MissConfig,
+    rngs: nnx.Rngs,
+    adapter_name: str = DEFAULT,
+    param_dtype: Any = jnp.float32,
+    layers: Optional[Sequence[Layer]] = None,
+) -> M:
+    """Adds adapter `adapter_name` to every layer `config` targets, in place; returns `model`.
+
+    A plain layer is replaced by a `MissLinear`; an adapted one gets one more adapter. Matching follows
+    PEFT (`target_modules` names match a key exactly or as a `.`-suffix; a string is a full-match regex;
+    `"all-linear"`; `layers_to_transform`, `exclude_modules`). As in PEFT, `layers_to_transform` reads
+    the layer index after a named segment: for a top-level list (`layers.0.q_proj`) pass
+    `layers_pattern="layers"`. `layers` (from `select_layers`) skips the matching. Blocks are created in
+    `param_dtype`, sharded like their kernels' `out` axis.
+
+    Raises ValueError, changing nothing, if a target matches nothing or a module that is not a layer, a
+    targeted layer's class has no layer rule, a layer already has `adapter_name`, or a layer's shape does
+    not suit `r` / the variant. `bias` and `modules_to_save` are `MissNnxModel`'s (`get_peft_model`).
+    """
+    if config.bias != "none" or config.modules_to_save:
+        raise ValueError(
+            f"apply_miss adapts layers only (got bias={config.bias!r}, modules_to_save={config.modules_to_save!r}): "
+            "use miss_jax.nnx.get_peft_model(model, config), which trains biases and modules_to_save as PEFT does."
+        )
+    if layers is None:
+        config, layers = select_layers(model, config)
+    modules = _modules(model)
+    paths = {key_of(path): path for path in modules}
+    again = [layer.key for layer in layers if adapter_name in getattr(modules[paths[layer.key]], "variants", {})]
     if again:
         raise ValueError(
-            f"Already MiSS-adapted: {again}. The NNX transform holds one adapter per layer; "
-            "call merge_and_unload(model) first, or target other layers."
+            f"Already has an adapter {adapter_name!r}: {again}. Choose another adapter name, or delete it first."
         )
-    new: dict[GraphPath, MissLinear] = {}
-    for layer in select(config, layers):
+    new: dict[GraphPath, tuple[nnx.Module, Optional[MissParam]]] = {}
+    for layer in layers:
         path = paths[layer.key]
+        node = modules[path]
         try:
-            new[path] = MissLinear(modules[path], config, rngs=rngs)
+            if isinstance(node, MissLinear):
+                new[path] = (node, node.new_block(config, rngs, param_dtype))
+            else:
+                new[path] = (MissLinear(node, config, rngs=rngs, adapter_name=adapter_name,
+                                        param_dtype=param_dtype, key=layer.key), None)
         except ValueError as e:
-            raise ValueError(f"Cannot adapt {layer.key} (in={layer.in_features}, out={layer.out_features}): {e}") from e
-    for path, module in new.items():
-        _replace(model, path, module)
+            raise ValueError(f"Cannot adapt {layer.key} (in={layer.in_features}, out={layer.out_features}): {e}") from None
+    for path, (module, block) in new.items():
+        if block is None:
+            _replace(model, path, module)
+        else:
+            module.add_adapter(adapter_name, config, rngs=rngs, block=block)
     return model
 
 
 def merge_and_unload(model: M, safe_merge: bool = False) -> M:
-    """Merges every `MissLinear` and puts its plain `nnx.Linear` back, in place; returns `model`."""
+    """Merges the active adapters of every `MissLinear` and puts its base layer back (and the active copy of
+    every `ModulesToSave`, as PEFT), in place; returns `model`."""
+    layers = miss_layers(model)
+    if safe_merge:
+        for key, layer in layers.items():
+            problem = layer.merge_problem([a for a in layer.active_adapters if a not in layer.merged_adapters])
+            if problem:
+                raise ValueError(f"{key} cannot be merged safely: {problem}. Nothing was merged.")
     for path, node in _modules(model).items():
         if isinstance(node, MissLinear):
-            node.merge(safe_merge)
+            node.merge()
             _replace(model, path, node.base_layer)
+        elif isinstance(node, ModulesToSave):
+            _replace(model, path, node.in_use())
     return model
+
+
+# --------------------------------------------------------------------------- PEFT's model
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterState:
+    """One adapter of a `MissNnxModel`: its config (targets resolved), the keys of its layers, of its saved
+    modules and of the layers whose bias it trains."""
+
+    config: MissConfig
+    layers: tuple[str, ...]
+    saved: tuple[str, ...] = ()
+    biases: tuple[str, ...] = ()
+
+
+class MissNnxModel(nnx.Module):
+    """An NNX model with MiSS adapters (PEFT's `PeftModel` + `MissModel` API); call it as the model.
+
+    `base_model` is the model itself, adapted in place. Train with the `trainable` filter::
+
+      optimizer = nnx.Optimizer(peft_model, optax.adamw(1e-3), wrt=peft_model.trainable)
+      grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, peft_model.trainable))(peft_model)
+
+    (`trainable` is a snapshot: take it again after `set_adapter`).
+
+    Args:
+      model: the NNX model (changed in place).
+      config: the first adapter's config (`target_modules` is required: NNX models have no model_type).
+      adapter_name: its name.
+      rngs: for random inits and dropout (default `nnx.Rngs(0)`).
+      param_dtype: the blocks' dtype (default float32, as PEFT); copies and biases keep their own.
+      layers: the layers to adapt (e.g. those a PEFT folder names), instead of matching `config`'s targets.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        config: MissConfig,
+        adapter_name: str = DEFAULT,
+        rngs: Optional[nnx.Rngs] = None,
+        param_dtype: Any = jnp.float32,
+        layers: Optional[Sequence[Layer]] = None,
+    ):
+        self.base_model = model
+        self.adapters: dict[str, AdapterState] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.disabled = False
+        self.rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.add_adapter(adapter_name, config, param_dtype=param_dtype, layers=layers)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def peft_config(self) -> dict[str, MissConfig]:
+        """Each adapter's config (targets resolved), by name, in the order they were added."""
+        return {name: a.config for name, a in self.adapters.items()}
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's `active_adapter`)."""
+        if not self.active_adapters:
+            raise ValueError("No adapter is active: every adapter was deleted. Add one with add_adapter().")
+        return self.active_adapters[0]
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """The adapters merged into the kernels."""
+        merged = {a for layer in miss_layers(self.base_model).values() for a in layer.merged_adapters}
+        return tuple(a for a in self.adapters if a in merged)
+
+    # ------------------------------------------------------------------ adapters
+
+    def check_new_name(self, adapter_name: Any) -> None:
+        """ValueError unless `adapter_name` can name a new adapter (and its PEFT sub-folder)."""
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name.startswith(".") or "/" in adapter_name:
+            raise ValueError(f"Adapter names are non-empty strings with no '/' or leading '.', got {adapter_name!r}.")
+        if adapter_name in self.adapters:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: MissConfig,
+        param_dtype: Any = jnp.float32,
+        layers: Optional[Sequence[Layer]] = None,
+    ) -> None:
+        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`).
+
+        `layers` (e.g. those a PEFT folder names) replaces the matching of `config`'s targets. Raises
+        ValueError, changing nothing, on any target, shape or module that does not fit.
+        """
+        if not isinstance(config, MissConfig):
+            raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
+        self.check_new_name(adapter_name)
+        model = self.base_model
+        if layers is None:
+            config, layers = select_layers(model, config)
+        modules = {key_of(p): (p, n) for p, n in _modules(model).items()}
+        saved = self._find_saved(config, modules)
+        inside = [layer.key for layer in layers if any(layer.key.startswith(s + ".") for s in saved)]
+        if inside:
+            raise ValueError(f"Layers {inside} sit inside modules_to_save {list(saved)}; exclude one or the other.")
+        biases = self._find_biases(config, layers, modules, saved)
+        apply_miss(model, dataclasses.replace(config, bias="none", modules_to_save=None), self.rngs, adapter_name,
+                   param_dtype, layers)
+        for key in saved:  # after apply_miss: nothing below can fail
+            path, node = modules[key]
+            wrapper = node if isinstance(node, ModulesToSave) else ModulesToSave(node)
+            wrapper.modules_to_save[adapter_name] = nnx.clone(wrapper.original_module)
+            if node is not wrapper:
+                _replace(model, path, wrapper)
+        self.adapters = {**self.adapters, adapter_name: AdapterState(config, tuple(l.key for l in layers), saved, biases)}
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self._sync()
+
+    @staticmethod
+    def _find_saved(config: MissConfig, modules: dict[str, tuple[GraphPath, nnx.Module]]) -> tuple[str, ...]:
+        names = config.modules_to_save or ()
+        found: list[str] = []
+        for key in modules:
+            if any(key == n or key.endswith("." + n) for n in names) and not any(key.startswith(f + ".") for f in found):
+                found.append(key)
+        if names and not found:
+            raise ValueError(
+                f"modules_to_save {list(names)} not found in the model; its top-level modules are "
+                f"{sorted({k.split('.')[0] for k in modules})}."
+            )
+        return tuple(found)
+
+    @staticmethod
+    def _find_biases(
+        config: MissConfig, layers: Sequence[Layer], modules: dict[str, tuple[GraphPath, nnx.Module]],
+        saved: tuple[str, ...],
+    ) -> tuple[str, ...]:
+        if config.bias == "MiSS_only":
+            return tuple(layer.key for layer in layers if layer.has_bias)
+        if config.bias == "all":
+            found = [k for k, (_, node) in modules.items() if bias_leaf(node, k) is not None]
+            return tuple(k for k in found if not any(k == s or k.startswith(s + ".") for s in saved))
+        return ()
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"Unknown adapter {n!r}; this model has {list(self.adapters)}.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"Adapter names repeat in {names}.")
+        owners = [n for n in names if self.adapters[n].saved]
+        if len(owners) > 1:
+            raise ValueError(f"Adapters {owners} each have modules_to_save; only one of them can be active at a time.")
+        self.active_adapters = tuple(names)
+        self._sync()
+
+    def _sync(self) -> None:
+        """Tells every layer and saved module which adapters are active, and whether they are disabled."""
+        for layer in miss_layers(self.base_model).values():
+            layer.set_adapter(self.active_adapters)
+            layer.disabled = self.disabled
+        owner = next((a for a in self.active_adapters if self.adapters[a].saved), None)
+        for wrapper in saved_modules(self.base_model).values():
+            wrapper.active = owner if owner in wrapper.modules_to_save else None
+            wrapper.disabled = self.disabled
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Runs the base model inside the context (merged adapters are unmerged, then merged back)."""
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
+        was = self.disabled
+        self.disabled = True
+        self._sync()
+        try:
+            yield
+        finally:
+            self.disabled = was
+            self._sync()
+            if merged:
+                self.merge_adapter(merged)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Deletes an adapter, its blocks and module copies (it must not be merged). Biases it trained keep
+        their values (as in PEFT)."""
+        if adapter_name not in self.adapters:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; this model has {list(self.adapters)}.")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        modules = _modules(self.base_model)
+        for path, node in modules.items():
+            if isinstance(node, MissLinear) and adapter_name in node.variants:
+                node.delete_adapter(adapter_name)
+                if not node.variants:
+                    _replace(self.base_model, path, node.base_layer)
+            elif isinstance(node, ModulesToSave) and adapter_name in node.modules_to_save:
+                del node.modules_to_save[adapter_name]
+                if not len(node.modules_to_save):
+                    _replace(self.base_model, path, node.original_module)
+        self.adapters = {k: v for k, v in self.adapters.items() if k != adapter_name}
+        if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
+            remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self.adapters)[:1]
+            if remaining and len(self.active_adapters) == 1:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
+                              f"to {remaining[0]}.")
+            self.active_adapters = tuple(remaining)
+        self._sync()
+
+    # ------------------------------------------------------------------ merging
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Merges adapters (default: the active ones) into the kernels, in composition order.
+
+        `safe_merge=True` first checks every layer (finite blocks; bat `I + B` well conditioned; finite
+        merged kernels) and merges nothing if one fails.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"Unknown adapter {n!r}; this model has {list(self.adapters)}.")
+        layers = miss_layers(self.base_model)
+        if safe_merge:
+            for key, layer in layers.items():
+                problem = layer.merge_problem([n for n in names if n in layer.variants and n not in layer.merged_adapters])
+                if problem:
+                    raise ValueError(f"Cannot merge safely at {key}: {problem}. The model was left unmerged.")
+        for layer in layers.values():
+            layer.merge(adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        """Takes every merged adapter back out of the kernels."""
+        for layer in miss_layers(self.base_model).values():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False) -> nnx.Module:
+        """The base model with the active adapters merged and the wrappers removed (in place)."""
+        return merge_and_unload(self.base_model, safe_merge)
+
+    # ------------------------------------------------------------------ training
+
+    def trainable_paths(self) -> frozenset[GraphPath]:
+        """Graph paths (from this model) of the variables a train step updates: the active adapters' blocks,
+        their module copies, and the trained biases (the bias of an adapted layer sits in its `base_layer`)."""
+        if self.disabled:
+            return frozenset()
+        active = set(self.active_adapters)
+        modules = {key_of(p): p for p in _modules(self.base_model)}
+        wanted: set[GraphPath] = set()
+        for name in active:
+            a = self.adapters[name]
+            for key in a.layers:
+                wanted.add(("base_model",) + modules[key] + ("miss_block", name))
+            for key in a.saved:
+                wanted.add(("base_model",) + modules[key] + ("modules_to_save", name))
+        nodes = _modules(self.base_model)
+        for a in self.adapters.values():
+            for key in a.biases:
+                leaf = bias_leaf(nodes[modules[key]], key)
+                if leaf is not None:
+                    wanted.add(("base_model",) + modules[key] + leaf)
+        return frozenset(wanted)
+
+    @property
+    def trainable(self) -> Callable[[Any, Any], bool]:
+        """The filter of the trainable variables (`wrt=` of `nnx.Optimizer`, `nnx.DiffState`)."""
+        paths = self.trainable_paths()
+
+        def is_trainable(path: Any, value: Any) -> bool:
+            path = tuple(path)
+            return isinstance(value, nnx.Param) and any(path[: len(p)] == p for p in paths)
+
+        return is_trainable
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all): all counts the base params plus every adapter's blocks and module copies."""
+        trainable = self.trainable
+        flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
+        sizes = [(path, var, int(math.prod(var.shape))) for path, var in flat]
+        return sum(s for p, v, s in sizes if trainable(p, v)), sum(s for _, _, s in sizes)
+
+    def print_trainable_parameters(self) -> None:
+        """Prints PEFT's line: trainable params, all params, trainable%."""
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+
+def bias_leaf(node: nnx.Module, key: str) -> Optional[GraphPath]:
+    """Where `node`'s bias variable sits below it (`("base_layer", "bias")` in a `MissLinear`), or None: a
+    layer's bias is its rule's; any other module's is its `bias` attribute."""
+    if isinstance(node, MissLinear):
+        name = node.rule.bias
+        return ("base_layer", name) if name and isinstance(getattr(node.base_layer, name, None), nnx.Param) else None
+    if isinstance(node, ModulesToSave):
+        return None
+    name = rule_for(node, key).bias if has_rule(node) else "bias"
+    return (name,) if name and isinstance(getattr(node, name, None), nnx.Param) else None
+
+
+def get_peft_model(
+    model: nnx.Module,
+    config: MissConfig,
+    adapter_name: str = DEFAULT,
+    rngs: Optional[nnx.Rngs] = None,
+    param_dtype: Any = jnp.float32,
+    layers: Optional[Sequence[Layer]] = None,
+) -> MissNnxModel:
+    """PEFT's entry point for an NNX model: a `MissNnxModel` around `model` (adapted in place)."""
+    return MissNnxModel(model, config, adapter_name, rngs, param_dtype, layers)

@@ -1,4 +1,4 @@
-"""The maths of MiSS, once, as pure `jnp` functions (DESIGN.md §1).
+"""The maths of MiSS, once, as pure `jnp` functions, and the table of its variants (docs/DESIGN.md §1).
 
 Layouts: a torch `nn.Linear` weight `W` is `(out, in)`; a Flax `nn.Dense` kernel `K` is `(in, out)`,
 `K = W.T`. Functions that touch a weight take `layout="flax"` (default) or `layout="torch"`.
@@ -13,10 +13,18 @@ Blocks:
 >>> k = jnp.zeros((5, 3))
 >>> bool(jnp.allclose(x @ merge_balance(k, d) , balance_output(x, d)))
 True
+
+Everything that differs between the variants lives in one table, `VARIANTS` (`variant(name)`): block
+shape, validation, init, the effective additive block, merge and unmerge, and which block axis
+follows the kernel's `out` axis. Linen, NNX, sharding and interop ask the table, never the name.
+
+>>> v = variant("bat"); v.block_shape(in_features=8, out_features=12, r=4), v.additive
+((3, 4, 4), False)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal, Optional
 
@@ -44,11 +52,23 @@ def from_torch(weight: Array, layout: Layout) -> Array:
     return weight.T if layout == "flax" else weight
 
 
+def _check_mini(out_features: int, mini_r: int) -> None:
+    if mini_r <= 0 or out_features % mini_r:
+        raise ValueError(f"mini needs out_features ({out_features}) divisible by mini_r ({mini_r}).")
+
+
+def _check_bat(in_features: int, out_features: int, r: int) -> None:
+    if in_features % r or out_features % r:
+        raise ValueError(
+            f"bat needs the weight to split into r x r blocks: in_features ({in_features}) and out_features "
+            f"({out_features}) must both be divisible by r ({r})."
+        )
+
+
 def expand_mini(block: Array, out_features: int) -> Array:
     """Mini block `(r, mini_r)` -> effective balance block `(r, out)`; column j is `block[:, j % mini_r]`."""
     mini_r = block.shape[-1]
-    if out_features % mini_r:
-        raise ValueError(f"mini_r ({mini_r}) must divide out_features ({out_features}).")
+    _check_mini(out_features, mini_r)
     return jnp.tile(block, (1, out_features // mini_r))
 
 
@@ -149,10 +169,7 @@ def _bat_blocks(kernel: Array, r: int) -> Array:
     torch-layout view (whose blocks it would first transpose).
     """
     in_features, out_features = kernel.shape
-    if out_features % r or in_features % r:
-        raise ValueError(
-            f"bat needs in_features ({in_features}) and out_features ({out_features}) divisible by r ({r})."
-        )
+    _check_bat(in_features, out_features, r)
     return kernel.reshape(in_features // r, r, out_features // r, r)
 
 
@@ -197,45 +214,153 @@ def dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def init_block(
-    rng: Optional[Array],
-    variant: str,
-    in_features: int,
-    out_features: int,
-    r: int,
-    mini_r: int = 1,
-    random: bool = False,
-    dtype: jnp.dtype = jnp.float32,
-) -> Array:
-    """A fresh adapter block, validated against the layer's shape as PEFT validates it.
+MAX_UNMERGE_CONDITION = 1e3  # bat: largest condition number of I + B[a] that `safe_merge` accepts
 
-    balance: `(r, out)` zeros, or kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(out), 1/sqrt(out)) when
-    `random`; mini: `(r, mini_r)` zeros; bat: `(out // r, r, r)` zeros.
-    """
+
+def is_finite(x: Array) -> bool:
+    """True when every element of `x` is finite (no NaN, no inf)."""
+    return bool(jnp.isfinite(x).all())
+
+
+# --------------------------------------------------------------------------- the variant table
+
+
+def _check_r(in_features: int, r: int) -> None:
     if r <= 0:
         raise ValueError(f"`r` should be a positive integer value but the value passed is {r}.")
     if r > in_features:
         raise ValueError(f"`r` ({r}) must be less than or equal to in_features ({in_features}).")
-    if variant == "bat":
-        if in_features % r or out_features % r:
-            raise ValueError(
-                f"bat needs the weight to split into r x r blocks: in_features ({in_features}) and out_features "
-                f"({out_features}) must both be divisible by r ({r})."
-            )
-        return jnp.zeros((out_features // r, r, r), dtype)
-    if variant == "mini":
-        if out_features % mini_r:
-            raise ValueError(f"mini needs out_features ({out_features}) divisible by mini_r ({mini_r}).")
-        return jnp.zeros((r, mini_r), dtype)
-    if variant != "balance":
-        raise ValueError(f"Unknown MiSS variant {variant!r}; expected 'balance', 'mini' or 'bat'.")
-    if not random:
-        return jnp.zeros((r, out_features), dtype)
-    # torch's kaiming_uniform_(a=sqrt(5)) on an (r, out) tensor: fan_in = out, bound = 1/sqrt(out).
-    bound = 1.0 / (out_features**0.5)
-    return jax.random.uniform(rng, (r, out_features), dtype, -bound, bound)
 
 
-def block_shape(variant: str, in_features: int, out_features: int, r: int, mini_r: int = 1) -> tuple[int, ...]:
-    """Shape of the block `init_block` makes (after the same validation)."""
-    return jax.eval_shape(lambda: init_block(None, variant, in_features, out_features, r, mini_r)).shape
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One MiSS variant (PEFT's `init_weights` mode). Subclasses override what differs.
+
+    `additive` variants add `balance_output(x, effective_block(block))` to the layer's output; the
+    others (bat) run the layer with the transformed kernel `merge(kernel, block)`.
+    """
+
+    name: str
+    init_weights: object  # the `MissConfig.init_weights` value that selects this variant
+    additive: bool = True
+
+    def validate(self, in_features: int, out_features: int, r: int, mini_r: int = 1) -> None:
+        """Raises ValueError (PEFT's rule, one message each) when a layer cannot carry this variant."""
+        _check_r(in_features, r)
+
+    def block_shape(self, in_features: int, out_features: int, r: int, mini_r: int = 1) -> tuple[int, ...]:
+        """The trainable block's shape, after `validate`."""
+        self.validate(in_features, out_features, r, mini_r)
+        return (r, out_features)
+
+    def init(
+        self,
+        rng: Optional[Array],
+        in_features: int,
+        out_features: int,
+        r: int,
+        mini_r: int = 1,
+        random: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> Array:
+        """A fresh block: zeros (PEFT's init for every variant; `random` applies to balance only)."""
+        return jnp.zeros(self.block_shape(in_features, out_features, r, mini_r), dtype)
+
+    def effective_block(self, block: Array, out_features: int) -> Array:
+        """The `(r, out)` block the forward adds through (additive variants only)."""
+        return block
+
+    def merge(self, kernel: Array, block: Array, layout: Layout = "flax") -> Array:
+        """The kernel with the adapter merged in (float32 maths, the kernel's dtype)."""
+        return merge_balance(kernel, self.effective_block(block, to_torch(kernel, layout).shape[0]), layout)
+
+    def unmerge(self, kernel: Array, block: Array, layout: Layout = "flax") -> Array:
+        """`merge`'s inverse."""
+        return merge_balance(kernel, self.effective_block(block, to_torch(kernel, layout).shape[0]), layout, -1.0)
+
+    def out_axis(self, block_shape: tuple[int, ...]) -> tuple[int, int]:
+        """`(axis, size)`: the block axis indexed along the kernel's `out` axis, and its length (a sharded
+        kernel's block may be sharded along it when `size` divides over the same mesh axes)."""
+        return 1, block_shape[1]
+
+    def unmerge_problem(self, block: Array) -> Optional[str]:
+        """Why unmerging `block` would not give the base kernel back (None: it would, up to rounding)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Balance(Variant):
+    """`D` `(r, out)`: zeros, or kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(out), 1/sqrt(out)) when `random`."""
+
+    def init(self, rng, in_features, out_features, r, mini_r=1, random=False, dtype=jnp.float32):  # noqa: D102
+        if not random:
+            return super().init(rng, in_features, out_features, r, mini_r, random, dtype)
+        shape = self.block_shape(in_features, out_features, r, mini_r)
+        # torch's kaiming_uniform_(a=sqrt(5)) on an (r, out) tensor: fan_in = out, bound = 1/sqrt(out).
+        bound = 1.0 / (out_features**0.5)
+        return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mini(Variant):
+    """`D` `(r, mini_r)`, tiled over `out` (`expand_mini`)."""
+
+    def validate(self, in_features, out_features, r, mini_r=1):  # noqa: D102
+        _check_r(in_features, r)
+        _check_mini(out_features, mini_r)
+
+    def block_shape(self, in_features, out_features, r, mini_r=1):  # noqa: D102
+        self.validate(in_features, out_features, r, mini_r)
+        return (r, mini_r)
+
+    def effective_block(self, block, out_features):  # noqa: D102
+        return expand_mini(block, out_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bat(Variant):
+    """`B` `(out // r, r, r)`: the kernel's `r x r` blocks become `W + W @ B + B` (`bat_kernel`)."""
+
+    def validate(self, in_features, out_features, r, mini_r=1):  # noqa: D102
+        _check_r(in_features, r)
+        _check_bat(in_features, out_features, r)
+
+    def block_shape(self, in_features, out_features, r, mini_r=1):  # noqa: D102
+        self.validate(in_features, out_features, r, mini_r)
+        return (out_features // r, r, r)
+
+    def effective_block(self, block, out_features):  # noqa: D102
+        raise ValueError("bat is not additive: it transforms the kernel (use merge).")
+
+    def merge(self, kernel, block, layout="flax"):  # noqa: D102
+        return bat_kernel(kernel, block, layout)
+
+    def unmerge(self, kernel, block, layout="flax"):  # noqa: D102
+        return bat_unmerge(kernel, block, layout)
+
+    def out_axis(self, block_shape):  # noqa: D102
+        return 0, block_shape[0]
+
+    def unmerge_problem(self, block):  # noqa: D102
+        b = jnp.asarray(block, jnp.float32)
+        cond = jnp.linalg.cond(jnp.eye(b.shape[-1], dtype=jnp.float32) + b)  # one per block row `a`
+        worst = float(jnp.max(jnp.where(jnp.isnan(cond), jnp.inf, cond)))
+        if worst <= MAX_UNMERGE_CONDITION:
+            return None
+        return (
+            f"I + B is singular or ill-conditioned (condition number {worst:.3g} > {MAX_UNMERGE_CONDITION:g}), so "
+            "unmerging it could not restore the base weights"
+        )
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in (Balance("balance", True), Mini("mini", "mini"), Bat("bat", "bat", additive=False))
+}
+
+
+def variant(name: str) -> Variant:
+    """The `Variant` called `name` ('balance', 'mini' or 'bat')."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown MiSS variant {name!r}; expected one of {list(VARIANTS)}.") from None

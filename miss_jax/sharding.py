@@ -6,7 +6,7 @@ matched with `re.search` against each param's '/'-joined path (for example
 error (end the rules with `(".*", PartitionSpec())` to replicate whatever is left).
 `llama_rules(strategy)` gives ready rule sets for llama-style models (Llama, Mistral, Gemma).
 
-Adapter params get no rules of their own: each follows its base kernel (shapes as in DESIGN §1), so
+Adapter params get no rules of their own: each follows its base kernel (shapes as in docs/DESIGN.md §1), so
 the adapter path of a layer runs where the layer's kernel shard lives:
   * balance block `(r, out)`: axis 1 sharded like the kernel's `out` axis;
   * mini block `(r, mini_r)`: axis 1 sharded like the kernel's `out` axis when `mini_r` divides over
@@ -37,7 +37,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import jax
 import numpy as np
@@ -45,10 +45,13 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import linen, train
-from .linen import Path
+from . import adapters, ops, train, tree
 from .targeting import Layer
 from .train import TrainState, init_train_state
+from .tree import Path, path_str
+
+if TYPE_CHECKING:
+    from .model import MissModel
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -129,15 +132,6 @@ def llama_batch_spec(strategy: str, data_axis: str = DATA_AXIS, model_axis: str 
 # --------------------------------------------------------------------------- partition specs
 
 
-def path_str(path: Path) -> str:
-    """The '/'-joined form rules match against, e.g. `model/layers/0/mlp/up_proj/kernel`."""
-    return "/".join(str(p) for p in path)
-
-
-def _keys(keypath: tuple) -> Path:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
-
-
 def _axis_names(entry: AxisEntry) -> tuple[str, ...]:
     if entry is None:
         return ()
@@ -181,7 +175,7 @@ def spec_for(rules: Rules, path: Path, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 def param_specs(params: PyTree, rules: Rules, mesh: Mesh) -> PyTree:
     """A PartitionSpec for every leaf of the base `params` (same tree structure)."""
-    return jax.tree_util.tree_map_with_path(lambda kp, leaf: spec_for(rules, _keys(kp), leaf.shape, mesh), params)
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: spec_for(rules, tree.key_path(kp), leaf.shape, mesh), params)
 
 
 def _kernel_spec(layer: Layer, rules: Rules, mesh: Mesh) -> tuple[AxisEntry, AxisEntry]:
@@ -193,39 +187,36 @@ def _kernel_spec(layer: Layer, rules: Rules, mesh: Mesh) -> tuple[AxisEntry, Axi
 
 
 def block_spec(variant: str, layer: Layer, r: int, mini_r: int, rules: Rules, mesh: Mesh) -> P:
-    """The spec of an adapter block on `layer`: follows the kernel's `out` axis (module docstring)."""
+    """The spec of an adapter block on `layer`: its `ops.Variant.out_axis` follows the kernel's `out` axis
+    when its length splits over the same mesh axes, else it is replicated (module docstring)."""
     out = _kernel_spec(layer, rules, mesh)[1]
-    size = axis_size(mesh, out)
-    if variant == "balance":
-        return P(None, out)
-    if variant == "mini":
-        return P(None, out if mini_r % size == 0 else None)
-    if variant == "bat":
-        return P(out if (layer.out_features // r) % size == 0 else None, None, None)
-    raise ValueError(f"Unknown MiSS variant {variant!r}; expected 'balance', 'mini' or 'bat'.")
+    v = ops.variant(variant)
+    shape = v.block_shape(layer.in_features, layer.out_features, r, mini_r)
+    axis, size = v.out_axis(shape)
+    spec: list[AxisEntry] = [None] * len(shape)
+    spec[axis] = out if size % axis_size(mesh, out) == 0 else None
+    return P(*spec)
 
 
-def adapter_specs(peft_model: Any, rules: Rules, mesh: Mesh, tree: Optional[PyTree] = None) -> PyTree:
-    """PartitionSpecs for `tree` (default `peft_model.adapter_params`; `trainable_params()` works too).
+def adapter_specs(
+    peft_model: "MissModel", rules: Rules, mesh: Mesh, adapter_tree: Optional[PyTree] = None
+) -> PyTree:
+    """PartitionSpecs for `adapter_tree` (default `peft_model.adapter_params`; `trainable_params()` works too).
 
     Leaves may be arrays or `jax.ShapeDtypeStruct`s (abstract adapters).
     """
-    tree = peft_model.adapter_params if tree is None else tree
+    adapter_tree = peft_model.adapter_params if adapter_tree is None else adapter_tree
     layers = {layer.path: layer for layer in peft_model.layers.values()}
+    configs = peft_model.peft_config
 
     def one(keypath: tuple, leaf: Any) -> P:
-        path = _keys(keypath)
-        group = path[0]
-        if group == "miss":
-            config = peft_model.peft_config[path[1]]
-            return block_spec(config.variant, layers[path[2:-1]], config.r, config.mini_r, rules, mesh)
-        if group == "modules_to_save":
-            return spec_for(rules, path[2:], leaf.shape, mesh)
-        if group == "bias":
-            return spec_for(rules, path[1:], leaf.shape, mesh)
-        raise ValueError(f"Unknown adapter param group {group!r}; expected 'miss', 'modules_to_save' or 'bias'.")
+        ref = adapters.locate(tree.key_path(keypath))
+        if ref.group == adapters.MISS:
+            config = configs[ref.adapter]
+            return block_spec(config.variant, layers[ref.module], config.r, config.mini_r, rules, mesh)
+        return spec_for(rules, ref.module + (ref.leaf,), leaf.shape, mesh)
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, adapter_tree)
 
 
 def named(mesh: Mesh, specs: PyTree) -> PyTree:
@@ -238,9 +229,11 @@ def param_shardings(params: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
     return named(mesh, param_specs(params, rules, mesh))
 
 
-def adapter_shardings(peft_model: Any, mesh: Mesh, rules: Rules, tree: Optional[PyTree] = None) -> PyTree:
-    """NamedShardings of `tree` (default: the whole adapter pytree), each following its base kernel."""
-    return named(mesh, adapter_specs(peft_model, rules, mesh, tree))
+def adapter_shardings(
+    peft_model: "MissModel", mesh: Mesh, rules: Rules, adapter_tree: Optional[PyTree] = None
+) -> PyTree:
+    """NamedShardings of `adapter_tree` (default: the whole adapter pytree), each following its base kernel."""
+    return named(mesh, adapter_specs(peft_model, rules, mesh, adapter_tree))
 
 
 # --------------------------------------------------------------------------- placing a model
@@ -257,7 +250,7 @@ def init_sharded_params(model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> 
     return jax.jit(init, out_shardings=param_shardings(shapes, mesh, rules))(jax.random.PRNGKey(seed))
 
 
-def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> None:
+def shard_peft_model(peft_model: "MissModel", mesh: Mesh, rules: Rules, seed: int = 0) -> None:
     """Places every param of `peft_model` on `mesh`, in place.
 
     Base params go where `rules` say (a no-op for params already placed so, e.g. by `init_sharded_params`).
@@ -266,23 +259,21 @@ def shard_peft_model(peft_model: Any, mesh: Mesh, rules: Rules, seed: int = 0) -
     concrete adapters and trained biases are moved to their shardings.
     """
     check_mesh(mesh)
-    peft_model.params = jax.device_put(peft_model.params, param_shardings(peft_model.params, mesh, rules))
+    params = jax.device_put(peft_model.params, param_shardings(peft_model.params, mesh, rules))
     shardings = adapter_shardings(peft_model, mesh, rules)
-    params = peft_model.adapter_params
+    placed = adapters.empty()
     for i, name in enumerate(peft_model.peft_config):
-        saves = name in params["modules_to_save"]
-        own = {"miss": params["miss"][name], "modules_to_save": params["modules_to_save"].get(name, {})}
-        own_sh = {"miss": shardings["miss"][name], "modules_to_save": shardings["modules_to_save"].get(name, {})}
-        if linen.is_abstract(own):
-            create = functools.partial(linen.init_adapter, peft_model.plan.spec(name))
+        own = adapters.own(peft_model.adapter_params, name)
+        own_sh = adapters.own(shardings, name)
+        if tree.is_abstract(own):
+            create = functools.partial(adapters.init, peft_model.plan.spec(name))
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            own = jax.jit(create, out_shardings=own_sh)(peft_model.params, key)
+            own = jax.jit(create, out_shardings=own_sh)(params, key)
         else:
             own = jax.device_put(own, own_sh)
-        params["miss"][name] = own["miss"]
-        if saves:
-            params["modules_to_save"][name] = own["modules_to_save"]
-    params["bias"] = jax.device_put(params["bias"], shardings["bias"])
+        placed = adapters.with_adapter(placed, name, own, {})
+    placed[adapters.BIAS] = jax.device_put(peft_model.adapter_params[adapters.BIAS], shardings[adapters.BIAS])
+    peft_model.place(params, placed)
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, batch_spec: P = P(DATA_AXIS)) -> dict[str, jax.Array]:
@@ -294,7 +285,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, batch_spec: P = P(DATA_AXI
 # --------------------------------------------------------------------------- training
 
 
-def train_state_shardings(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+def train_state_shardings(peft_model: "MissModel", tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
     """NamedShardings of a `TrainState`: the step replicated, the trainables like their kernels, the
     optimizer state like the params it tracks (its counters replicated)."""
     trainable = peft_model.trainable_params()
@@ -306,7 +297,7 @@ def train_state_shardings(peft_model: Any, tx: optax.GradientTransformation, mes
     return TrainState(replicated, trainable_sh, opt_sh)
 
 
-def abstract_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
+def abstract_train_state(peft_model: "MissModel", tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
     """A `TrainState` of `jax.ShapeDtypeStruct`s with shardings on `mesh`: the template that
     `miss_jax.train.restore_checkpoint` restores onto (any mesh shape)."""
     shapes = jax.eval_shape(functools.partial(init_train_state, tx), peft_model.trainable_params())
@@ -318,7 +309,7 @@ def abstract_train_state(peft_model: Any, tx: optax.GradientTransformation, mesh
 
 
 def create_sharded_train_state(
-    peft_model: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+    peft_model: "MissModel", tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
 ) -> TrainState:
     """A fresh `TrainState` for `peft_model.trainable_params()`, optimizer state created sharded."""
     check_mesh(mesh)
@@ -327,28 +318,33 @@ def create_sharded_train_state(
 
 
 def make_sharded_train_step(
-    peft_model: Any,
+    peft_model: "MissModel",
     tx: optax.GradientTransformation,
     loss_fn: train.LossFn,
     mesh: Mesh,
     rules: Rules,
     batch_spec: P = P(DATA_AXIS),
     donate: bool = True,
+    update_model: bool = True,
+    accum_steps: int = 1,
 ) -> Callable[[PyTree, TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, jax.Array]]:
     """`miss_jax.train.make_train_step`'s `step(params, state, batch, rng) -> (state, loss)`, jitted with
     shardings: params by `rules`, state by `train_state_shardings`, every batch array by `batch_spec`
     (e.g. `P("data")`: batch axis split over `data`), the rng and loss replicated; `state` is donated.
+    As there, the model holds the new (sharded) `state.trainable` after every call (`update_model`), and
+    `accum_steps` accumulates gradients over micro-batches (each spread over the data shards).
 
     Shard the model first (`shard_peft_model`) and the batch with `shard_batch`.
     """
     check_mesh(mesh)
     state_sh = train_state_shardings(peft_model, tx, mesh, rules)
     replicated = NamedSharding(mesh, P())
-    step = train.make_train_step(peft_model, tx, loss_fn, donate=False)
+    plan = peft_model.plan
     params_sh = param_shardings(peft_model.params, mesh, rules)
-    return jax.jit(
-        step,
+    jitted = jax.jit(
+        train.train_step_fn(peft_model, tx, loss_fn, plan, accum_steps),
         in_shardings=(params_sh, state_sh, NamedSharding(mesh, batch_spec), replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(1,) if donate else (),
     )
+    return train.model_step(jitted, peft_model, plan.active, update_model=update_model)

@@ -183,6 +183,15 @@ def matches(config: MissConfig, key: str) -> bool:
     return idx == wanted if isinstance(wanted, int) else idx in wanted
 
 
+def _shown(names: Any) -> Any:
+    """A names field as the user wrote it: a list (or a regex string, or None)."""
+    return list(names) if isinstance(names, tuple) else names
+
+
+def _without_exclusions(config: MissConfig) -> MissConfig:
+    return dataclasses.replace(config, exclude_modules=None, modules_to_save=None)
+
+
 def resolve_targets(config: MissConfig, layers: dict[str, Layer], model_type: Optional[str]) -> MissConfig:
     """Fills in `target_modules` (PEFT's default table, or `"all-linear"` expanded to layer names), and adds
     the task's head to `modules_to_save` as PEFT's task wrappers do (e.g. SEQ_CLS: "classifier", "score")."""
@@ -219,8 +228,16 @@ def select(config: MissConfig, layers: dict[str, Layer]) -> tuple[Layer, ...]:
             f"but these matched: {listed}. Name the Dense layers inside them instead."
         )
     if not chosen:
+        excluded = sorted(k for k in layers if is_excluded(config, k) and matches(_without_exclusions(config), k))
+        if excluded:
+            raise ValueError(
+                f"Every module that target_modules {_shown(config.target_modules)!r} matches is excluded (by "
+                f"exclude_modules {_shown(config.exclude_modules)!r} or modules_to_save "
+                f"{_shown(config.modules_to_save)!r}): "
+                f"{excluded[:10]}{' ...' if len(excluded) > 10 else ''}. Narrow the exclusions or add targets."
+            )
         linear = sorted({k.rsplit(".", 1)[-1] for k, layer in layers.items() if layer.is_linear})
-        asked = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+        asked = _shown(config.target_modules)
         hints = sorted(
             {h for t in ([asked] if isinstance(asked, str) else asked) for h in difflib.get_close_matches(t, linear, 3)}
         )

@@ -6,20 +6,28 @@
 
 The step differentiates `peft_model.trainable_params()` (active adapter blocks, the active
 `modules_to_save` copies, trained biases); the base params are an argument, never a gradient
-target, and the state buffers are donated.
+target, and the state buffers are donated. After each step the model holds the trained adapter
+(the step writes `state.trainable` back), so `peft_model.save_pretrained(...)` saves what was trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from . import tree
+
+if TYPE_CHECKING:
+    from .adapters import Plan
+    from .model import MissModel
 
 PyTree = Any
 LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
@@ -34,7 +42,7 @@ class TrainState:
     opt_state: PyTree
 
 
-def create_train_state(peft_model: Any, tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(peft_model: "MissModel", tx: optax.GradientTransformation) -> TrainState:
     """A fresh state for `peft_model.trainable_params()`.
 
     The leaves are copied: the step donates the state, and must never free buffers the model (or,
@@ -73,75 +81,248 @@ def causal_lm_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
     return cross_entropy(outputs.logits[:, :-1], jnp.where(mask, labels, 0), mask)
 
 
-def model_inputs(peft_model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
+
+
+def labels_loss(model: Any, outputs: Any, labels: jax.Array) -> jax.Array:
+    """The loss transformers' PyTorch twin of the Flax `model` computes for `labels=` (what `MissModel.__call__`
+    returns as `outputs.loss`), from `outputs[0]` (the logits):
+
+    * causal LMs (`*ForCausalLM`, `*LMHeadModel`): next-token cross-entropy, label -100 ignored
+      (`causal_lm_loss` on `{"labels": labels}`; unlike a train batch, `attention_mask` does not mask it);
+    * `*ForSequenceClassification` / `*ForImageClassification`: by `config.problem_type` as transformers
+      picks it: regression (MSE, `num_labels == 1`), single-label (cross-entropy over integer `labels` `(B,)`,
+      -100 ignored) or multi-label (BCE with logits over float `labels` `(B, C)`).
+
+    Other heads raise ValueError naming the call that computes a loss of your choice.
+    """
+    name = type(model).__name__
+    logits = outputs[0]
+    labels = jnp.asarray(labels)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return _causal_lm_labels_loss(logits, labels)
+    if name.endswith(("ForSequenceClassification", "ForImageClassification")):
+        config = model.config
+        kind = config.problem_type or (
+            "regression" if config.num_labels == 1
+            else "single_label_classification" if jnp.issubdtype(labels.dtype, jnp.integer)
+            else "multi_label_classification"
+        )
+        return _CLASSIFICATION_LOSSES[kind](logits, labels)
+    raise ValueError(
+        f"labels= computes the loss of causal LMs and sequence/image classifiers as transformers does; {name} is "
+        "neither. Compute it from the outputs: `loss = my_loss(peft_model(**inputs), batch)`, or train with "
+        "miss_jax.train.make_train_step(peft_model, tx, my_loss), where my_loss(outputs, batch) -> scalar."
+    )
+
+
+@jax.jit
+def _causal_lm_labels_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return causal_lm_loss(LogitsOutput(logits), {"labels": labels})
+
+
+@flax.struct.dataclass
+class LogitsOutput:
+    """A model output holding `logits` only (what the loss functions read)."""
+
+    logits: jax.Array
+
+
+_CLASSIFICATION_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "regression": jax.jit(lambda logits, labels: jnp.mean(
+        (jnp.squeeze(logits.astype(jnp.float32)) - jnp.squeeze(labels.astype(jnp.float32))) ** 2)),
+    "single_label_classification": jax.jit(lambda logits, labels: cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), jnp.where(labels.reshape(-1) == IGNORE_INDEX, 0, labels.reshape(-1)),
+        labels.reshape(-1) != IGNORE_INDEX)),
+    "multi_label_classification": jax.jit(lambda logits, labels: optax.sigmoid_binary_cross_entropy(
+        logits.astype(jnp.float32), labels.astype(jnp.float32)).mean()),
+}
+
+
+def model_inputs(peft_model: "MissModel", batch: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of `batch` the wrapped model's `__call__` takes (the rest are for the loss)."""
-    names = peft_model._signature.parameters
+    names = peft_model.input_names
     return {k: v for k, v in batch.items() if k in names and k != "labels"}
 
 
-def make_loss_fn(peft_model: Any, loss_fn: LossFn, train: bool = True, plan: Any = None) -> Callable[..., jax.Array]:
+def make_loss_fn(
+    peft_model: "MissModel", loss_fn: LossFn, train: bool = True, plan: Optional["Plan"] = None
+) -> Callable[..., jax.Array]:
     """`loss(params, trainable, batch, rng) -> scalar` for `plan` (default: the model's current one;
-    e.g. `dataclasses.replace(peft_model.plan, active=())` trains only `modules_to_save`). Pure, not jitted."""
+    e.g. `dataclasses.replace(peft_model.plan, active=())` trains only `modules_to_save`). Pure, not jitted.
+
+    A `loss_fn` may carry `forward_context()` (a context manager the forward is traced in) and
+    `check(plan)` (raises for plans it cannot serve), as `miss_jax.losses.ChunkedCausalLMLoss` does."""
     forward = peft_model.apply_fn(plan)
+    check = getattr(loss_fn, "check", None)
+    if check is not None:
+        check(plan or peft_model.plan)
+    context = getattr(loss_fn, "forward_context", contextlib.nullcontext)
 
     def loss(params: PyTree, trainable: PyTree, batch: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
-        extra = {"train": True, "dropout_rng": rng} if train else {}
-        outputs = forward(params, trainable, **model_inputs(peft_model, batch), **extra)
+        extra = peft_model.dropout_kwargs(rng) if train else {}
+        with context():
+            outputs = forward(params, trainable, **model_inputs(peft_model, batch), **extra)
         return loss_fn(outputs, batch)
 
     return loss
 
 
-def make_train_step(
-    peft_model: Any, tx: optax.GradientTransformation, loss_fn: LossFn, donate: bool = True, plan: Any = None
+def train_step_fn(
+    peft_model: "MissModel",
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    plan: Optional["Plan"] = None,
+    accum_steps: int = 1,
 ) -> Callable[[PyTree, TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, jax.Array]]:
-    """A jitted `step(params, state, batch, rng) -> (state, loss)`; `state` is donated.
+    """The pure `step(params, state, batch, rng) -> (state, loss)` for `plan` (default: the model's current
+    one): one optax update of `state.trainable`. Not jitted and never touching the model, so it composes
+    with `jax.jit(in_shardings=...)` and the like; `make_train_step` is the form to call.
 
-    Only `state.trainable` is differentiated (for `plan`, default the model's current one). Same
-    shapes never recompile.
+    `accum_steps=k` splits the batch into `k` micro-batches (example `i` goes to micro-batch `i % k`, so a
+    batch sharded over devices stays spread over all of them), runs them one after another in a `lax.scan`
+    (activations of one micro-batch alive at a time) and applies the mean gradient once: the update of one
+    step on the whole batch, whose loss is the mean of the micro-batch losses (the same when each
+    micro-batch counts as many tokens, e.g. without padding). Dropout keys are `fold_in(rng, i)`.
     """
+    check_accum_steps(accum_steps)
     loss = make_loss_fn(peft_model, loss_fn, plan=plan)
+    value_and_grad = jax.value_and_grad(loss, argnums=1)
 
     def step(params: PyTree, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
-        value, grads = jax.value_and_grad(loss, argnums=1)(params, state.trainable, batch, rng)
+        if accum_steps == 1:
+            value, grads = value_and_grad(params, state.trainable, batch, rng)
+        else:
+            def micro_step(carry: tuple, xs: tuple) -> tuple:
+                total, acc = carry
+                micro, i = xs
+                v, g = value_and_grad(params, state.trainable, micro, jax.random.fold_in(rng, i))
+                return (total + v, jax.tree_util.tree_map(jnp.add, acc, g)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+            micro = micro_batches(batch, accum_steps)
+            (total, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros),
+                                             (micro, jnp.arange(accum_steps)))
+            value = total / accum_steps
+            grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state), value
 
-    return jax.jit(step, donate_argnums=(1,) if donate else ())
+    return step
 
 
-def make_eval_step(peft_model: Any, loss_fn: LossFn) -> Callable[..., jax.Array]:
-    """A jitted `eval(params, trainable, batch) -> loss` without dropout."""
-    loss = make_loss_fn(peft_model, loss_fn, train=False)
-    return jax.jit(lambda params, trainable, batch: loss(params, trainable, batch, None))
+def check_accum_steps(accum_steps: Any) -> None:
+    """ValueError unless `accum_steps` is a positive integer."""
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}.")
+
+
+def micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """Every array `(B, ...)` of `batch` as `(k, B // k, ...)`, example `i` in micro-batch `i % k`."""
+    out = {}
+    for name, x in batch.items():
+        n = x.shape[0] if getattr(x, "ndim", 0) else 0
+        if n % k or not n:
+            raise ValueError(
+                f"accum_steps={k} does not divide the batch: {name!r} has {n} examples. Pass a batch whose size is "
+                f"a multiple of {k}, or another accum_steps."
+            )
+        out[name] = jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1)
+    return out
+
+
+def make_train_step(
+    peft_model: "MissModel",
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    donate: bool = True,
+    plan: Optional["Plan"] = None,
+    update_model: bool = True,
+    accum_steps: int = 1,
+) -> Callable[[PyTree, TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, jax.Array]]:
+    """A jitted `step(params, state, batch, rng) -> (state, loss)`; `state` is donated.
+
+    Only `state.trainable` is differentiated (for `plan`, default the model's current one). Same
+    shapes never recompile. After every call the model holds the new `state.trainable` (by reference,
+    `peft_model.update_params`), as PEFT's in-place optimizer leaves the model trained: what
+    `save_pretrained`, `merge_adapter` or the model's own forward use is always the trained adapter.
+    `update_model=False` leaves the model alone (a state trained beside the model, e.g. a baseline).
+    `accum_steps=k` accumulates gradients over `k` micro-batches of the batch in the same compiled
+    program (see `train_step_fn`). The step refuses to run while one of its adapters is merged into the
+    model (it would apply the adapter twice): see `model_step`.
+    """
+    plan = plan or peft_model.plan
+    fn = train_step_fn(peft_model, tx, loss_fn, plan, accum_steps)
+    jitted = jax.jit(fn, donate_argnums=(1,) if donate else ())
+    return model_step(jitted, peft_model, plan.active, update_model=update_model)
+
+
+def make_eval_step(peft_model: "MissModel", loss_fn: LossFn) -> Callable[..., jax.Array]:
+    """A jitted `eval(params, trainable, batch) -> loss` without dropout (refuses while its adapters are merged)."""
+    plan = peft_model.plan
+    loss = make_loss_fn(peft_model, loss_fn, train=False, plan=plan)
+    return model_step(jax.jit(lambda params, trainable, batch: loss(params, trainable, batch, None)),
+                      peft_model, plan.active)
+
+
+def model_step(
+    jitted: Any, peft_model: "MissModel", names: tuple[str, ...], update_model: bool = False
+) -> Callable[..., Any]:
+    """`jitted` as a step of `peft_model`: each call is refused while one of the adapters `names` (which the
+    step applies itself) is merged into the model's params (called with those params it would apply them
+    twice). With `update_model`, `jitted` returns `(state, ...)` and the model takes `state.trainable`
+    right after the call (`peft_model.update_params`, by reference: its previous arrays, the donated
+    inputs of the next call, are replaced at once). `.lower` is kept."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        merged = [n for n in names if n in peft_model.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"Adapters {merged} were merged into the model after this step was built, so its params already hold "
+                "them and the step would apply them twice: call peft_model.unmerge_adapter() first (or build a "
+                "new step for the merged model)."
+            )
+        out = jitted(*args, **kwargs)
+        if update_model:
+            peft_model.update_params(out[0].trainable)
+        return out
+
+    call.lower = jitted.lower  # type: ignore[attr-defined]
+    return call
 
 
 # --------------------------------------------------------------------------- orbax checkpoints
 
 
-def _manager(directory: str, max_to_keep: Optional[int] = None) -> Any:
+CHECKPOINT_ITEMS = ("state", "meta")  # the orbax items of a step folder
+
+
+def _manager(directory: str, max_to_keep: Optional[int] = None, create: bool = False) -> Any:
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    if not create and not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoint folder {directory!r}; pass the folder save_checkpoint wrote.")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 CHECKPOINT_FORMAT = "miss-jax-train-state/1"  # the `format` field of a checkpoint's metadata
 
 
-def checkpoint_metadata(peft_model: Any) -> dict[str, Any]:
+def checkpoint_metadata(peft_model: "MissModel") -> dict[str, Any]:
     """What a checkpoint needs to be read back without the Python objects: configs, names, plan."""
     plan = peft_model.plan
     return {
         "format": CHECKPOINT_FORMAT,
         "adapters": {n: c.to_dict() for n, c in peft_model.peft_config.items()},
         "active": list(plan.active),
-        "saved": plan.saved,
+        "saved": list(plan.saved),
     }
 
 
-def save_checkpoint(directory: str, state: TrainState, peft_model: Any, max_to_keep: Optional[int] = 3) -> str:
+def save_checkpoint(directory: str, state: TrainState, peft_model: "MissModel", max_to_keep: Optional[int] = 3) -> str:
     """Saves `state` (+ adapter configs as JSON) as step `state.step` under `directory`; returns its path.
 
     Orbax writes to a temporary folder and renames it when complete.
@@ -149,7 +330,7 @@ def save_checkpoint(directory: str, state: TrainState, peft_model: Any, max_to_k
     import orbax.checkpoint as ocp
 
     step = int(state.step)
-    with _manager(directory, max_to_keep) as mngr:
+    with _manager(directory, max_to_keep, create=True) as mngr:
         mngr.save(
             step,
             args=ocp.args.Composite(
@@ -162,9 +343,10 @@ def save_checkpoint(directory: str, state: TrainState, peft_model: Any, max_to_k
 
 
 def _step(mngr: Any, directory: str, step: Optional[int]) -> int:
-    """`step` (default: the latest) among the complete steps `mngr` holds; FileNotFoundError when there
-    is none, ValueError naming the saved steps when `step` is not one of them."""
-    steps = sorted(mngr.all_steps())
+    """`step` (default: the latest) among the complete steps `mngr` holds (a step folder without both items,
+    e.g. an empty `5/`, is not one); FileNotFoundError when there is none, ValueError naming the saved steps
+    when `step` is not one of them."""
+    steps = _complete_steps(mngr, directory)
     if not steps:
         raise FileNotFoundError(f"No checkpoint under {directory!r}.")
     if step is None:
@@ -174,12 +356,20 @@ def _step(mngr: Any, directory: str, step: Optional[int]) -> int:
     return step
 
 
+def _complete_steps(mngr: Any, directory: str) -> list[int]:
+    return sorted(
+        s for s in mngr.all_steps()
+        if all(os.path.isdir(os.path.join(directory, str(s), item)) for item in CHECKPOINT_ITEMS)
+    )
+
+
 def latest_step(directory: str) -> Optional[int]:
     """The newest complete step saved under `directory`, or None."""
     if not os.path.isdir(directory):
         return None
     with _manager(directory) as mngr:
-        return mngr.latest_step()
+        steps = _complete_steps(mngr, directory)
+    return steps[-1] if steps else None
 
 
 def restore_checkpoint(directory: str, template: TrainState, step: Optional[int] = None) -> TrainState:
@@ -196,8 +386,23 @@ def restore_checkpoint(directory: str, template: TrainState, step: Optional[int]
             lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(a),
             flax.serialization.to_state_dict(template),
         )
+        _check_shapes(directory, step, mngr.item_metadata(step)["state"].tree, abstract)
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return flax.serialization.from_state_dict(template, restored["state"])
+
+
+def _check_shapes(directory: str, step: int, saved: PyTree, wanted: PyTree) -> None:
+    """ValueError listing the leaves whose saved shape (or presence) differs from the template's."""
+    have = {tree.path_str(tree.key_path(k)): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+    want = {tree.path_str(tree.key_path(k)): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(wanted)}
+    wrong = [f"{k}: {have.get(k, 'missing')} saved, {want.get(k, 'absent')} expected"
+             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if wrong:
+        raise ValueError(
+            f"Checkpoint step {step} in {directory!r} does not fit the template (another model or adapter config?): "
+            + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else "")
+            + ". Build the template from the model the checkpoint was trained with."
+        )
 
 
 def read_checkpoint_metadata(directory: str, step: Optional[int] = None) -> dict[str, Any]:
@@ -207,3 +412,19 @@ def read_checkpoint_metadata(directory: str, step: Optional[int] = None) -> dict
     with _manager(directory) as mngr:
         step = _step(mngr, directory, step)
         return json.loads(json.dumps(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]))
+
+
+def read_checkpoint(directory: str, step: Optional[int] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(state, metadata)` of a checkpoint without a template: the `TrainState` as a nested dict of arrays
+    (`step`, `trainable`, `opt_state`) and the JSON metadata. ValueError if it is not a miss-jax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    with _manager(directory) as mngr:
+        restored = mngr.restore(
+            _step(mngr, directory, step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    meta, state = restored["meta"], restored["state"]
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory!r} is not a miss-jax training checkpoint (no {CHECKPOINT_FORMAT!r} metadata).")
+    return state, meta

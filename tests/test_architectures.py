@@ -21,7 +21,7 @@ import transformers
 
 import tiny_models as tm
 from miss_jax import MissConfig, MissModel, get_peft_model
-from test_lifecycle import assert_trees_close, fill_blocks, logits
+from helpers import assert_trees_close, fill_blocks, logits
 
 VARIANTS = {"zero": True, "balance": False, "mini": "mini", "bat": "bat"}
 PAIR = ["balance", "bat"]  # the two-adapter combination: additive term on top of a bat-adapted weight

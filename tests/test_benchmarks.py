@@ -55,6 +55,7 @@ def _check_measure(entry: dict[str, float], where: str, repeated: bool = True) -
         assert isinstance(entry.get("static_mb"), (int, float)) and math.isfinite(entry["static_mb"]), where
 
 
+@pytest.mark.slow
 def test_every_case_is_measured_on_both_sides(quick_run: tuple[dict[str, Any], str]) -> None:
     specs = _bench_module("specs")
     result, _ = quick_run
@@ -75,6 +76,7 @@ def test_every_case_is_measured_on_both_sides(quick_run: tuple[dict[str, Any], s
         assert model["jax"]["trainable_params"] == model["torch"]["trainable_params"]
 
 
+@pytest.mark.slow
 def test_same_weights_and_one_device_without_recompiles(quick_run: tuple[dict[str, Any], str]) -> None:
     result, _ = quick_run
     meta = result["meta"]
@@ -87,6 +89,7 @@ def test_same_weights_and_one_device_without_recompiles(quick_run: tuple[dict[st
         assert model["jax"]["compiles"] and all(n == 1 for n in model["jax"]["compiles"].values()), name
 
 
+@pytest.mark.slow
 def test_train_steps_skip_frozen_kernels_and_donate(quick_run: tuple[dict[str, Any], str]) -> None:
     result, _ = quick_run
     for name, model in result["models"].items():
@@ -99,6 +102,7 @@ def test_train_steps_skip_frozen_kernels_and_donate(quick_run: tuple[dict[str, A
         assert train["balance"]["hlo"]["kernel_grad_dots"] == train["mini"]["hlo"]["kernel_grad_dots"] == 0, name
 
 
+@pytest.mark.slow
 def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], str]) -> None:
     result, out = quick_run
     for name, model in result["models"].items():
@@ -134,6 +138,7 @@ def test_bad_options_name_the_problem() -> None:
         run.main(["--sides", "jax,tf"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["forward/balance", "train/bat"])
 def test_profile_case_writes_trace_program_and_dot_table(tmp_path: Any, case: str) -> None:
     env = dict(os.environ, XLA_FLAGS="")

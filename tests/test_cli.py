@@ -218,3 +218,76 @@ def test_errors_exit_2_with_the_reason_on_stderr(capsys, folders, argv, message)
     assert code == 2
     assert message in err, err
     assert not os.path.exists(folders / "x")
+
+
+# --------------------------------------------------------------------------- bad input: one line, no traceback
+
+
+def _one_error(err: str) -> str:
+    """The error line of stderr (asserting there is exactly one and no traceback; `check`'s progress bar may
+    share its line)."""
+    errors = re.findall(r"miss-jax \w+: error: [^\r\n]*", err)
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def _damaged(folders, tmp_path, damage: str) -> str:
+    """A copy of the llama MiSS folder with one defect: a corrupt weights file, a `modules_to_save`
+    that is not a list, or float8 tensors (written through torch, which has the dtype)."""
+    import torch
+    from safetensors.torch import load_file as torch_load, save_file as torch_save
+
+    folder = tmp_path / damage
+    shutil.copytree(folders / "llama-miss", folder)
+    weights, config_path = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if damage == "corrupt":
+        weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif damage == "modules_to_save":
+        config = json.loads(config_path.read_text())
+        config["modules_to_save"] = 5
+        config_path.write_text(json.dumps(config))
+    else:
+        tensors = {k: v.to(torch.float8_e4m3fn) for k, v in torch_load(str(weights)).items()}
+        torch_save(tensors, str(weights), metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("command", ["inspect", "check", "convert"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [("corrupt", "not a readable safetensors file"), ("modules_to_save", "modules_to_save"), ("float8", "F8_E4M3")],
+)
+def test_bad_adapters_give_one_line_errors(capsys, folders, tmp_path, command, damage, message):
+    """Exit 2 with the reason in one stderr line, never a traceback (inspect reads float8 headers fine)."""
+    adapter = _damaged(folders, tmp_path, damage)
+    argv = {
+        "inspect": ["inspect", adapter],
+        "check": ["check", "--base", folders / "llama", "--adapter", adapter],
+        "convert": ["convert", adapter, "--to", "lora", "--base", folders / "llama", "--out", tmp_path / "out"],
+    }[command]
+    code, out, err = run(capsys, *argv)
+    if command == "inspect" and damage == "float8":
+        assert code == 0 and "F8_E4M3" in out, err
+        return
+    assert code == 2, out + err
+    line = _one_error(err)
+    if damage != "modules_to_save" or command == "inspect":  # check/convert: MissConfig's message, not ours
+        assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_errors_are_one_line_too(capsys, folders, monkeypatch):
+    """An error of no expected kind (a bug, or input nobody foresaw) still gives one line, exit 2; the
+    traceback only on request."""
+    import interop.cli as cli
+
+    def broken(folder):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli, "inspect_folder", broken)
+    code, _, err = run(capsys, "inspect", folders / "llama-miss")
+    assert code == 2
+    assert "KeyError: 'surprise'" in _one_error(err) and cli.TRACEBACK_VARIABLE in err
+    monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
+    code, _, err = run(capsys, "inspect", folders / "llama-miss")
+    assert code == 2 and "Traceback" in err

@@ -62,6 +62,7 @@ def demo_runs(bert_example: ModuleType, small_data: str, tmp_path_factory: pytes
     return first, first_losses, second, out
 
 
+@pytest.mark.slow
 def test_demo_adapter_loads_in_pytorch_with_matching_logits(demo_runs) -> None:
     first, _, second, out = demo_runs
     for summary in (first, second):
@@ -80,6 +81,7 @@ def test_demo_adapter_loads_in_pytorch_with_matching_logits(demo_runs) -> None:
     assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 0
 
 
+@pytest.mark.slow
 def test_demo_resume_continues_from_saved_step(demo_runs) -> None:
     first, first_losses, second, out = demo_runs
     assert (first["start_step"], first["final_step"]) == (0, 2)
@@ -99,6 +101,7 @@ def test_demo_rejects_bad_options(bert_example: ModuleType, small_data: str, tmp
         bert_example.read_rows(str(bad))
 
 
+@pytest.mark.slow
 def test_causal_lm_greedy_tokens_match(tmp_path) -> None:
     example = load_example("causal_lm_generate")
     summary = example.main(["--output-dir", str(tmp_path), "--steps", "30", "--new-tokens", "12"])

@@ -1,8 +1,5 @@
 """`MissModel`'s adapter lifecycle (PEFT's API): add / set / disable / delete / merge / unload, counts against
-PEFT on the same torch architecture, modules_to_save, bias modes, low_cpu_mem_usage, and bad input.
-
-Also home of the small helpers the architecture matrix reuses (`fill_blocks`, `logits`, `snapshot`, ...).
-"""
+PEFT on the same torch architecture, modules_to_save, bias modes, low_cpu_mem_usage, and bad input."""
 
 from __future__ import annotations
 
@@ -18,40 +15,14 @@ import pytest
 from flax import traverse_util
 
 import tiny_models as tm
-from miss_jax import MissConfig, MissModel, get_peft_model, linen, ops
+from helpers import assert_trees_close, fill_blocks, logits, snapshot
+from miss_jax import MissConfig, MissModel, get_peft_model, linen
+from reference import ref_merge, to_layout
 
 QV = ["q_proj", "v_proj"]
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def fill_blocks(model: MissModel, name: str, scale: float, seed: int) -> None:
-    """Sets every miss_block of adapter `name` to `scale * N(0, 1)` (PEFT's mini/bat init is zeros)."""
-    tree = model.adapter_params["miss"][name]
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    new = [scale * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    model.adapter_params["miss"][name] = jax.tree_util.tree_unflatten(treedef, new)
-
-
-def logits(out: Any) -> np.ndarray:
-    """The first output (logits) of a transformers Flax output, as float32 numpy."""
-    return np.asarray(out[0], np.float32)
-
-
-def assert_trees_close(a: Any, b: Any, atol: float) -> None:
-    """Same structure, every leaf within `atol` (float32 comparison)."""
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=0, atol=atol)
-
-
-def snapshot(model: MissModel) -> tuple:
-    """What a failed call must leave untouched: param/adapter leaves (by identity) and the adapter state."""
-    leaves = tuple(map(id, jax.tree_util.tree_leaves((model.params, model.adapter_params))))
-    return (leaves, jax.tree_util.tree_structure((model.params, model.adapter_params)), list(model.active_adapters),
-            list(model.merged_adapters), dict(model.peft_config), list(model._specs))
+# ----------------------------------------------------------------------------- helpers
 
 
 def with_kernels(model: MissModel, name: str, fn: Callable[[jax.Array, Any, jax.Array], jax.Array],
@@ -59,7 +30,7 @@ def with_kernels(model: MissModel, name: str, fn: Callable[[jax.Array, Any, jax.
     """`params` (default: the model's) with `fn(kernel, layer, block)` applied on every layer of adapter `name`."""
     flat = traverse_util.flatten_dict(params if params is not None else model.params)
     blocks = traverse_util.flatten_dict(model.adapter_params["miss"][name])
-    for layer in model._specs[name].layers:
+    for layer in model.plan.spec(name).layers:
         k = layer.path + ("kernel",)
         flat[k] = fn(flat[k], layer, blocks[layer.path + ("miss_block",)])
     return traverse_util.unflatten_dict(flat)
@@ -71,16 +42,13 @@ def plain_forward(model: MissModel, params: Any, x: dict) -> np.ndarray:
         return logits(model(**x, params=params))
 
 
-def balance_update(variant: str) -> Callable[[jax.Array, Any, jax.Array], jax.Array]:
-    """Kernel update of a balance / mini adapter (mini tiled over `out`)."""
-    def fn(kernel: jax.Array, layer: Any, block: jax.Array) -> jax.Array:
-        full = ops.expand_mini(block, layer.out_features) if variant == "mini" else block
-        return kernel + ops.balance_delta(full, layer.in_features, layer.layout)
+def reference_update(variant: str) -> Callable[[jax.Array, Any, jax.Array], np.ndarray]:
+    """The kernel with a `variant` block merged in, by the NumPy reference maths (in the layer's layout)."""
+    def fn(kernel: jax.Array, layer: Any, block: jax.Array) -> np.ndarray:
+        weight = to_layout(np.asarray(kernel, np.float64), layer.layout)  # the transpose is its own inverse
+        merged = ref_merge(weight, np.asarray(block, np.float64), variant)
+        return to_layout(merged, layer.layout).astype(np.asarray(kernel).dtype)
     return fn
-
-
-def bat_update(kernel: jax.Array, layer: Any, block: jax.Array) -> jax.Array:
-    return ops.bat_kernel(kernel, block, layer.layout)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -132,14 +100,14 @@ def test_add_adapter_is_inactive_until_set(model: MissModel) -> None:
     assert model.peft_config["d"].target_modules == ("q_proj",)
     shapes = {n: jax.tree_util.tree_leaves(model.adapter_params["miss"][n])[0].shape for n in "abcd"}
     assert shapes == {"a": (4, 32), "b": (4, 4), "c": (8, 4, 4), "d": (4, 8, 8)}
-    assert len(model._specs["d"].layers) == 2 and len(model._specs["a"].layers) == 4
+    assert len(model.plan.spec("d").layers) == 2 and len(model.plan.spec("a").layers) == 4
     model.set_adapter(["b", "a"])
     assert model.active_adapters == ["b", "a"] and model.active_adapter == "b"
 
 
 def test_balance_and_mini_terms_add_up(model: MissModel) -> None:
     model.set_adapter(["a", "b"])
-    want = with_kernels(model, "b", balance_update("mini"), with_kernels(model, "a", balance_update("balance")))
+    want = with_kernels(model, "b", reference_update("mini"), with_kernels(model, "a", reference_update("balance")))
     np.testing.assert_allclose(logits(model(**X)), plain_forward(model, want, X), atol=1e-5)
 
 
@@ -149,7 +117,7 @@ def test_bat_transforms_weights_in_activation_order(model: MissModel, order: lis
     params = model.params
     bat_first = sorted(order, key=lambda n: model.peft_config[n].variant != "bat")  # stable: activation order
     for name in bat_first:  # bat adapters transform the weight in turn; balance terms add on the result
-        update = bat_update if model.peft_config[name].variant == "bat" else balance_update("balance")
+        update = reference_update("bat") if model.peft_config[name].variant == "bat" else reference_update("balance")
         params = with_kernels(model, name, update, params)
     np.testing.assert_allclose(logits(model(**X)), plain_forward(model, params, X), atol=1e-5)
     model.merge_adapter()
@@ -212,7 +180,7 @@ def test_delete_adapter() -> None:
     assert snapshot(model) == before
     model.unmerge_adapter()
     model.delete_adapter("c")
-    assert "c" not in model.peft_config and "c" not in model.adapter_params["miss"] and "c" not in model._specs
+    assert "c" not in model.peft_config and "c" not in model.adapter_params["miss"] and "c" not in model.plan.names
     assert model.active_adapters == ["b"]
     with pytest.warns(UserWarning, match="Setting active adapter to a"):
         model.delete_adapter("b")
@@ -320,8 +288,8 @@ def test_modules_to_save_keeps_a_trainable_copy_per_adapter() -> None:
     np.testing.assert_array_equal(model.params["classifier"]["bias"], bert.params["classifier"]["bias"])
     model.set_adapter("two")  # its own, untouched copy
     np.testing.assert_allclose(logits(model(**x)), base, atol=1e-5)
-    with pytest.raises(ValueError, match=r"\['one', 'two'\].*modules_to_save"):
-        model.set_adapter(["one", "two"])
+    with pytest.raises(ValueError, match=r"one adapter .* modules_to_save module classifier: adapters 'one' and 'two'"):
+        model.set_adapter(["one", "two"])  # both save the classifier: as PEFT, one copy per module
 
 
 @pytest.mark.parametrize("bias,expected", [("none", 0), ("MiSS_only", 4), ("all", None)])
@@ -443,7 +411,7 @@ def test_merge_passes_only_adapted_kernels_and_shares_the_rest() -> None:
     model.merge_adapter(["a"])
     after = model.params
     flat_before, flat_after = traverse_util.flatten_dict(before), traverse_util.flatten_dict(after)
-    adapted = {layer.path + ("kernel",) for layer in model._specs["a"].layers}
+    adapted = {layer.path + ("kernel",) for layer in model.plan.spec("a").layers}
     assert set(flat_after) == set(flat_before)
     for path, leaf in flat_after.items():
         if path in adapted:
@@ -465,17 +433,43 @@ def test_layers_are_traced_once_per_model_configuration(monkeypatch: pytest.Monk
         return real(init_fn)
 
     monkeypatch.setattr(model_module, "discover", counting)
-    monkeypatch.setattr(model_module, "_LAYERS", {})
     config = MissConfig(r=4, target_modules=QV)
-    first = get_peft_model(tm.flax_model.__wrapped__("llama"), config)
-    second = get_peft_model(tm.flax_model.__wrapped__("llama", seed=1), config)
+    fresh = tm.config("llama")
+    fresh.vocab_size += 7  # a configuration no other test built: nothing cached for it yet
+    cls = type(tm.flax_model("llama"))
+    first = get_peft_model(cls(fresh, seed=0), config)
+    second = get_peft_model(cls(fresh, seed=1), config)
     assert len(traced) == 1 and first.layers == second.layers
     deeper_config = tm.config("llama")
+    deeper_config.vocab_size += 7
     deeper_config.num_hidden_layers += 1
-    deeper = get_peft_model(type(tm.flax_model("llama"))(deeper_config, seed=0), config)
+    deeper = get_peft_model(cls(deeper_config, seed=0), config)
     assert len(traced) == 2
     assert len(deeper.plan.spec("default").layers) == len(first.plan.spec("default").layers) + 2
     odd_config = tm.config("llama")
     odd_config.note = np.float32(1.0)  # not JSON: the module has no repr to key on, so no cache
-    odd = get_peft_model(type(tm.flax_model("llama"))(odd_config, seed=0), config)
-    assert len(traced) == 3 and odd.layers == first.layers
+    odd = get_peft_model(cls(odd_config, seed=0), config)
+    odd_again = get_peft_model(cls(odd_config, seed=1), config)
+    assert len(traced) == 4 and odd.layers == odd_again.layers
+
+
+def test_identical_models_share_the_compiled_forward_and_merge() -> None:
+    """Two models of one configuration (different weights) trace the forward once; others trace their own."""
+    from miss_jax.model import trace_count
+
+    config = MissConfig(r=4, target_modules=QV)
+    fresh = tm.config("llama")
+    fresh.vocab_size += 11
+    cls = type(tm.flax_model("llama"))
+    first, second = (get_peft_model(cls(fresh, seed=s), config) for s in (0, 1))
+    ids = tm.inputs("llama")["input_ids"]
+    out = [logits(m(input_ids=ids)) for m in (first, second)]
+    assert first.plan == second.plan and trace_count(first.plan) == 1
+    assert np.abs(out[0] - out[1]).max() > 1e-3  # the shared program ran each model's own weights
+    np.testing.assert_allclose(out[1], logits(cls(fresh, seed=1)(input_ids=ids)), atol=1e-5)
+    wider = tm.config("llama")
+    wider.vocab_size += 13
+    other = get_peft_model(cls(wider, seed=0), config)
+    assert other.plan == first.plan  # same layers: only the model configuration differs
+    other(input_ids=ids)
+    assert trace_count(first.plan) == 2  # a program of its own

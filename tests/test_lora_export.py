@@ -66,7 +66,7 @@ def test_exact_export_matches_jax_in_peft(llama, name, tmp_path):
         assert not any(k.endswith("miss_block") for k in shapes)
 
 
-@pytest.mark.parametrize("name, rank", [("balance", None), ("mini", None), ("bat", 8)])
+@pytest.mark.parametrize("name, rank", [("balance", None), ("mini", None), ("bat", 8), ("bat", 0.9)])
 def test_factors_agree_with_peft_convert_to_lora(llama, name, rank, tmp_path):
     """Our lora_B @ lora_A equals PEFT's `convert_to_lora` of the same adapter loaded in torch, and the
     reported relative error equals the one of PEFT's factors against PEFT's own delta weight."""
@@ -76,7 +76,7 @@ def test_factors_agree_with_peft_convert_to_lora(llama, name, rank, tmp_path):
     merged, base = torch_miss.merge_and_unload(), torch_twin("llama")
     ours, _, report = lora_state_dict(llama, name, rank)
     reported = {rep.key: rep for rep in report.layers}
-    for layer in llama._specs[name].layers:
+    for layer in llama.plan.spec(name).layers:
         key = f"base_model.model.{layer.key}"
         a, b = ours[f"{key}.lora_A.weight"], ours[f"{key}.lora_B.weight"]
         pa, pb = (peft_sd[f"{key}.lora_{x}.weight"].numpy() for x in "AB")
@@ -104,10 +104,11 @@ def test_low_rank_bat_reports_error_and_loads(llama, tmp_path):
     assert errors[0] > errors[1] > 0 and diffs[0] > diffs[1]
 
 
-def test_balance_below_r_is_an_svd_truncation(llama):
-    _, config, report = lora_state_dict(llama, "balance", rank=2)
-    assert config["r"] == 2 and {rep.rank for rep in report.layers} == {2}
-    assert 0 < report.max_rel_error < 1
+def test_balance_stays_exact_at_r_whatever_the_rank(llama):
+    """As PEFT's convert_to_lora: balance/mini factors are exact at r, for an int rank below r or a float threshold."""
+    for rank in (2, 0.5):
+        _, config, report = lora_state_dict(llama, "balance", rank=rank)
+        assert config["r"] == 4 and {rep.rank for rep in report.layers} == {4} and report.max_rel_error == 0.0
 
 
 def test_gpt2_conv1d_export_loads_in_peft(tmp_path):
@@ -136,7 +137,7 @@ def test_modules_to_save_and_bias_go_into_the_lora_folder(tmp_path):
 
 
 def test_bad_exports_raise(llama, tmp_path):
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="rank of 0"):
         lora_state_dict(llama, "balance", rank=0)
     with pytest.raises(ValueError, match="Unknown adapter"):
         lora_state_dict(llama, "nope")

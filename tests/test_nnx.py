@@ -1,7 +1,6 @@
 """MiSS for Flax NNX (`miss_jax.nnx`): init, forward against independent references, merge/unmerge,
 training with `nnx.Optimizer`, `nnx.jit`, and errors, on a tiny attention + MLP model."""
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from flax import nnx
 import miss_jax.nnx as miss_nnx
 from miss_jax import MissConfig, ops
 from miss_jax.nnx import MissLinear, MissParam, apply_miss, merge_and_unload, miss_layers
+from reference import ref_merge
 
 D = 16
 MLP_HIDDEN = 18  # down_proj has in=18, not a multiple of r=4
@@ -83,8 +83,8 @@ def mixed() -> TinyModel:
 
 def randomize(model: nnx.Module, scale: float = 0.1) -> None:
     for i, layer in enumerate(miss_layers(model).values()):
-        shape = layer.miss_block.shape
-        layer.miss_block[...] = scale * jax.random.normal(jax.random.key(100 + i), shape)
+        for block in layer.miss_block.values():
+            block[...] = scale * jax.random.normal(jax.random.key(100 + i), block.shape)
 
 
 def miss_leaves(model: nnx.Module) -> list[np.ndarray]:
@@ -96,25 +96,10 @@ def frozen_leaves(model: nnx.Module) -> list[np.ndarray]:
 
 
 def reference_kernel(kernel: jax.Array, layer: MissLinear) -> np.ndarray:
-    """`kernel` `(in, out)` adapted by `layer`'s block, by the DESIGN.md §1 formulas in numpy (not ops)."""
-    k = np.asarray(kernel, np.float64)
-    block = np.asarray(layer.miss_block[...], np.float64)
-    if layer.variant == "bat":
-        w = k.T.copy()  # torch layout (out, in); W'[a, c] = W[a, c] + W[a, c] @ B[a] + B[a]
-        r = block.shape[-1]
-        for a in range(w.shape[0] // r):
-            for c in range(w.shape[1] // r):
-                wb = w[a * r : (a + 1) * r, c * r : (c + 1) * r]
-                w[a * r : (a + 1) * r, c * r : (c + 1) * r] = wb + wb @ block[a] + block[a]
-        return w.T
-    if layer.variant == "mini":
-        block = block[:, np.arange(layer.out_features) % block.shape[1]]
-    return k + block[np.arange(layer.in_features) % block.shape[0]]  # dK[i, o] = D[i mod r, o]
-
-
-def test_doctests():
-    result = doctest.testmod(miss_nnx)
-    assert result.attempted > 0 and result.failed == 0
+    """`kernel` `(in, out)` adapted by `layer`'s block, by the NumPy reference maths (not ops)."""
+    weight = np.asarray(kernel, np.float64).T  # torch layout (out, in)
+    (name,) = layer.variants
+    return ref_merge(weight, np.asarray(layer.miss_block[name][...], np.float64), layer.variants[name]).T
 
 
 @pytest.mark.parametrize("variant", sorted(CONFIGS))
@@ -128,8 +113,8 @@ def test_zero_init_equals_base_and_shapes(variant):
     for layer in layers.values():
         r, out = 4, layer.out_features
         shape = {"balance": (r, out), "mini": (r, 2), "bat": (out // r, r, r)}[variant]
-        assert layer.miss_block.shape == shape
-        assert isinstance(layer.miss_block, MissParam) and not layer.merged
+        assert layer.miss_block["default"].shape == shape
+        assert isinstance(layer.miss_block["default"], MissParam) and not layer.merged
     np.testing.assert_allclose(model(X), base(X), atol=1e-6)
 
 
@@ -153,9 +138,9 @@ def test_forward_matches_references(variant):
         want = np.asarray(x, np.float64) @ reference_kernel(base.kernel[...], layer) + bias
         np.testing.assert_allclose(layer(x), want, atol=1e-5, err_msg=key)
         if variant == "bat":
-            direct = x @ ops.bat_kernel(base.kernel[...], layer.miss_block[...]) + bias
+            direct = x @ ops.bat_kernel(base.kernel[...], layer.miss_block["default"][...]) + bias
         else:
-            block = layer.miss_block[...]
+            block = layer.miss_block["default"][...]
             block = ops.expand_mini(block, layer.out_features) if variant == "mini" else block
             direct = base(x) + ops.balance_output(x, block)
         np.testing.assert_allclose(layer(x), direct, atol=1e-6, err_msg=key)
@@ -215,7 +200,7 @@ def test_dropout_follows_train_and_eval():
     base = nnx.Linear(D, D, rngs=nnx.Rngs(0))
     layer = MissLinear(base, MissConfig(r=4, miss_dropout=0.5, init_weights=False), rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (4, D))
-    clean = base(x) + ops.balance_output(x, layer.miss_block[...])
+    clean = base(x) + ops.balance_output(x, layer.miss_block["default"][...])
     first, second = layer(x), layer(x)
     assert np.abs(np.asarray(first - second)).max() > 1e-4  # a fresh mask each call
     assert np.abs(np.asarray(first - clean)).max() > 1e-4
@@ -289,9 +274,9 @@ def test_layers_inside_nnx_containers():
         (MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "down_proj"]), r"down_proj.*divisible by r"),
         (MissConfig(r=4, init_weights="mini", mini_r=5, target_modules=["q_proj"]), r"q_proj.*mini_r \(5\)"),
         (MissConfig(r=4, target_modules=["qproj"]), r"not found in the base model.*q_proj"),
-        (MissConfig(r=4, target_modules=["norm"]), r"must be linear layers.*layers\.0\.norm \(LayerNorm\)"),
+        (MissConfig(r=4, target_modules=["norm"]), r"layers\.0\.norm is a LayerNorm, which has no layer rule.*register"),
         (MissConfig(r=4, target_modules=None), r"pass `target_modules`"),
-        (MissConfig(r=4, bias="all", target_modules=["q_proj"]), r"bias='none'.*wrt"),
+        (MissConfig(r=4, bias="all", target_modules=["q_proj"]), r"bias='all'.*get_peft_model"),
     ],
     ids=["r>in", "bat-indivisible", "mini-indivisible", "no-match", "wrong-type", "no-default", "bias"],
 )
@@ -304,7 +289,133 @@ def test_bad_inputs_raise_and_change_nothing(config, message):
 
 def test_adapting_twice_raises():
     model = apply_miss(base_model(), CONFIGS["balance"], nnx.Rngs(1))
-    with pytest.raises(ValueError, match=r"Already MiSS-adapted.*merge_and_unload"):
+    with pytest.raises(ValueError, match=r"Already has an adapter 'default'.*another adapter name"):
         apply_miss(model, MissConfig(r=4, target_modules=["v_proj"]), nnx.Rngs(2))
-    with pytest.raises(ValueError, match="wraps an nnx.Linear"):
+    assert list(miss_layers(model)["layers.0.v_proj"].variants) == ["default"]
+    with pytest.raises(ValueError, match="LayerNorm, which has no layer rule"):
         MissLinear(model.layers[0].norm, CONFIGS["balance"], rngs=nnx.Rngs(2))
+
+
+# ----------------------------------------------------------------------------- PEFT's model for NNX (parity)
+
+
+def peft_model(**extra) -> miss_nnx.MissNnxModel:
+    return miss_nnx.get_peft_model(base_model(), MissConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"],
+                                                            **extra))
+
+
+def test_several_adapters_compose_like_linen_and_merge():
+    pm = peft_model()
+    pm.add_adapter("bat", MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "o_proj"]))
+    pm.add_adapter("mini", MissConfig(r=4, mini_r=4, init_weights="mini", target_modules=["q_proj"]))
+    randomize(pm.base_model)
+    y_default = pm(X)
+    pm.set_adapter(["mini", "default", "bat"])
+    y = pm(X)
+    layer = miss_layers(pm.base_model)["layers.0.q_proj"]
+    assert layer.forward_adapters() == ("bat", "mini", "default")  # bat first, then the additive terms
+    x = jax.random.normal(jax.random.key(1), (3, D))
+    base = layer.base_layer
+    kernel = ops.bat_kernel(base.kernel[...], layer.miss_block["bat"][...])
+    want = x @ kernel + base.bias[...] + sum(
+        ops.balance_output(x, ops.variant(layer.variants[n]).effective_block(layer.miss_block[n][...], D))
+        for n in ("mini", "default"))
+    np.testing.assert_allclose(layer(x), want, atol=1e-5)
+    pm.merge_adapter()
+    assert pm.merged_adapters == ("default", "bat", "mini")
+    np.testing.assert_allclose(pm(X), y, atol=1e-5)
+    with pm.disable_adapter():
+        np.testing.assert_allclose(pm(X), base_model()(X), atol=1e-5)
+    np.testing.assert_allclose(pm(X), y, atol=1e-5)  # merged back after the context
+    pm.unmerge_adapter()
+    np.testing.assert_allclose(frozen_leaves(pm.base_model)[0], frozen_leaves(base_model())[0], atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        pm.set_adapter("nope")
+    pm.set_adapter("default")
+    np.testing.assert_allclose(pm(X), y_default, atol=1e-6)
+    pm.delete_adapter("bat")
+    assert "bat" not in miss_layers(pm.base_model)["layers.0.q_proj"].variants
+    assert type(pm.base_model.layers[0].o_proj) is nnx.Linear  # no adapter left there: the plain layer is back
+
+
+def test_bias_modules_to_save_counts_and_training():
+    pm = peft_model(bias="MiSS_only", modules_to_save=["up_proj"])
+    assert isinstance(pm.base_model.up_proj, miss_nnx.ModulesToSave)
+    blocks = 4 * (4 * D)  # q_proj, v_proj in two layers, (r, out) each
+    biases = 4 * D
+    copy = D * MLP_HIDDEN + MLP_HIDDEN
+    total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(base_model(), nnx.Param)))
+    assert pm.get_nb_trainable_parameters() == (blocks + biases + copy, total + blocks + copy)
+    target = jax.random.normal(jax.random.key(3), X.shape)
+    optimizer = nnx.Optimizer(pm, optax.adamw(1e-2), wrt=pm.trainable)
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pm, nnx.Param))}
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2),
+                                         argnums=nnx.DiffState(0, pm.trainable))(m)
+        opt.update(m, grads)
+        return loss
+
+    for _ in range(3):
+        step(pm, optimizer)
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pm, nnx.Param))}
+    changed = {".".join(map(str, k)) for k in before if np.abs(before[k] - after[k]).max() > 0}
+    assert changed == {".".join(map(str, p)) + s for p in pm.trainable_paths()
+                       for s in ([""] if p[-1] != "default" or p[-2] != "modules_to_save" else [".kernel", ".bias"])}
+    np.testing.assert_array_equal(after[("base_model", "up_proj", "original_module", "kernel")],
+                                  before[("base_model", "up_proj", "original_module", "kernel")])
+    with pm.disable_adapter():  # the original module, the base kernels (trained biases stay, as in PEFT)
+        assert pm.base_model.up_proj.in_use() is pm.base_model.up_proj.original_module
+    plain = pm.merge_and_unload()
+    assert type(plain.up_proj) is nnx.Linear and type(plain.layers[0].q_proj) is nnx.Linear
+
+
+def test_param_dtype_and_sharding_follow_the_kernel():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    kernel = jax.device_put(jnp.ones((16, 32)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model")))
+
+    class One(nnx.Module):
+        def __init__(self):
+            self.q_proj = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+            self.q_proj.kernel.set_value(kernel)
+
+        def __call__(self, x):
+            return self.q_proj(x)
+
+    for init, axis in ((True, 1), ("bat", 0)):
+        pm = miss_nnx.get_peft_model(One(), MissConfig(r=4, init_weights=init, target_modules=["q_proj"]),
+                                     param_dtype=jnp.bfloat16)
+        block = pm.base_model.q_proj.miss_block["default"]
+        assert block.get_value().dtype == jnp.bfloat16
+        spec = [None] * block.ndim
+        spec[axis] = "model"
+        assert block.get_value().sharding.spec == jax.sharding.PartitionSpec(*spec)
+        assert block.get_metadata()["out_sharding"] == tuple(spec)
+
+
+def test_peft_model_errors_change_nothing():
+    pm = peft_model()
+    before = [np.asarray(v) for v in jax.tree.leaves(nnx.state(pm, nnx.Param))]
+    for config, message in [
+        (MissConfig(r=4, target_modules=["q_proj"], modules_to_save=["nothing"]), "modules_to_save.*not found"),
+        (MissConfig(r=32, target_modules=["down_proj"]), "less than or equal"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pm.add_adapter("other", config)
+    with pytest.raises(ValueError, match="already exists"):
+        pm.add_adapter("default", MissConfig(r=4, target_modules=["q_proj"]))
+    assert list(pm.adapters) == ["default"]
+    after = [np.asarray(v) for v in jax.tree.leaves(nnx.state(pm, nnx.Param))]
+    assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_miss_jax_imports_without_transformers():
+    """Issue 14: the core (ops, nnx, train, PEFT I/O) installs and imports without transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; import miss_jax, miss_jax.nnx, miss_jax.train, "
+            "interop, interop.nnx_io")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""`miss_jax.ops` against an independent NumPy reference (DESIGN §1, written with loops) and PEFT's torch MissLinear.
+"""`miss_jax.ops` against an independent NumPy reference (tests/reference.py, docs/DESIGN.md §1) and PEFT's torch MissLinear.
 
 Shapes cover `in % r != 0`, `r == in`, `r == 1`; both kernel layouts ('flax' `(in, out)`, 'torch'
 `(out, in)`); bf16 kernels (merges compute in float32, then cast back).
@@ -15,61 +15,13 @@ import torch
 from peft.tuners.miss.layer import MissLinear
 
 from miss_jax import ops
+from reference import ref_balance_output, ref_bat, ref_dense_delta, ref_expand_mini, rand, to_layout
 
 # (in_features, out_features, r): uneven shards, r == in, r == 1, several whole shards.
 BALANCE_SHAPES = [(10, 6, 4), (8, 12, 8), (7, 5, 1), (12, 9, 3), (5, 4, 5)]
 # bat needs in % r == out % r == 0.
 BAT_SHAPES = [(8, 12, 4), (6, 6, 6), (9, 3, 3), (4, 8, 2)]
 LAYOUTS = ["flax", "torch"]
-
-
-# ----------------------------------------------------------------------------- NumPy reference
-
-
-def ref_balance_output(x: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """Adapter term of balance: `sum_i x[..., i] * block[i mod r, :]`; x `(..., in)`, block `(r, out)`."""
-    r = block.shape[0]
-    out = np.zeros(x.shape[:-1] + (block.shape[1],), np.float64)
-    for i in range(x.shape[-1]):
-        out += x[..., i : i + 1].astype(np.float64) * block[i % r].astype(np.float64)
-    return out
-
-
-def ref_dense_delta(block: np.ndarray, in_features: int) -> np.ndarray:
-    """Torch-layout dense update `dW[o, i] = block[i mod r, o]`, `(out, in)`."""
-    r, out_features = block.shape
-    delta = np.zeros((out_features, in_features), np.float64)
-    for o in range(out_features):
-        for i in range(in_features):
-            delta[o, i] = block[i % r, o]
-    return delta
-
-
-def ref_expand_mini(block: np.ndarray, out_features: int) -> np.ndarray:
-    """Mini block `(r, mini_r)` -> `(r, out)`: column j is `block[:, j mod mini_r]`."""
-    cols = [block[:, j % block.shape[1]] for j in range(out_features)]
-    return np.stack(cols, axis=1)
-
-
-def ref_bat(weight: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """Torch-layout `W'[a, c] = W[a, c] + W[a, c] @ B[a] + B[a]` over r x r blocks; weight `(out, in)`."""
-    r = block.shape[-1]
-    w = weight.astype(np.float64)
-    out = w.copy()
-    for a in range(w.shape[0] // r):
-        for c in range(w.shape[1] // r):
-            blk = w[a * r : (a + 1) * r, c * r : (c + 1) * r]
-            out[a * r : (a + 1) * r, c * r : (c + 1) * r] = blk + blk @ block[a] + block[a]
-    return out
-
-
-def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
-    """Torch-layout `(out, in)` weight in `layout`."""
-    return weight.T if layout == "flax" else weight
-
-
-def rand(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- balance / mini
@@ -119,7 +71,7 @@ def test_mini_expands_then_acts_as_balance(in_f: int, out_f: int, r: int, mini_r
 
 
 def test_expand_mini_rejects_non_dividing_mini_r() -> None:
-    with pytest.raises(ValueError, match=r"mini_r \(4\).*out_features \(6\)"):
+    with pytest.raises(ValueError, match=r"out_features \(6\).*mini_r \(4\)"):
         ops.expand_mini(jnp.zeros((2, 4)), 6)
 
 
@@ -191,15 +143,24 @@ def test_balance_output_promotes_input_to_block_dtype() -> None:
     "variant,in_f,out_f,r,mini_r,shape",
     [("balance", 10, 6, 4, 1, (4, 6)), ("mini", 10, 6, 4, 3, (4, 3)), ("bat", 8, 12, 4, 1, (3, 4, 4))],
 )
-def test_init_block_shapes_are_zero(variant: str, in_f: int, out_f: int, r: int, mini_r: int,
-                                    shape: tuple[int, ...]) -> None:
-    block = ops.init_block(jax.random.PRNGKey(0), variant, in_f, out_f, r, mini_r)
-    assert block.shape == shape == ops.block_shape(variant, in_f, out_f, r, mini_r)
+def test_variant_init_shapes_are_zero(variant: str, in_f: int, out_f: int, r: int, mini_r: int,
+                                      shape: tuple[int, ...]) -> None:
+    v = ops.variant(variant)
+    block = v.init(jax.random.PRNGKey(0), in_f, out_f, r, mini_r)
+    assert block.shape == shape == v.block_shape(in_f, out_f, r, mini_r)
     assert not np.asarray(block).any()
+    assert ops.variant({True: "balance"}.get(v.init_weights, v.init_weights)) is v  # init_weights selects it
+
+
+def test_variant_table_is_the_only_place_a_variant_is_named() -> None:
+    """Each variant's behaviour is read off the table: additive variants fold, the others transform the kernel."""
+    assert sorted(ops.VARIANTS) == ["balance", "bat", "mini"]
+    assert [n for n, v in ops.VARIANTS.items() if not v.additive] == ["bat"]
+    assert ops.variant("bat").out_axis((3, 4, 4)) == (0, 3) and ops.variant("mini").out_axis((4, 2)) == (1, 2)
 
 
 def test_random_balance_init_is_kaiming_uniform() -> None:
-    block = np.asarray(ops.init_block(jax.random.PRNGKey(1), "balance", 64, 100, 16, random=True))
+    block = np.asarray(ops.variant("balance").init(jax.random.PRNGKey(1), 64, 100, 16, random=True))
     bound = 1 / np.sqrt(100)
     assert block.shape == (16, 100) and np.abs(block).max() <= bound
     assert np.abs(block).max() > 0.9 * bound and abs(block.mean()) < 0.1 * bound
@@ -215,9 +176,9 @@ def test_random_balance_init_is_kaiming_uniform() -> None:
         (("lora", 8, 8, 4), r"'lora'"),
     ],
 )
-def test_init_block_rejects_bad_shapes(args: tuple, message: str) -> None:
+def test_variant_init_rejects_bad_shapes(args: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ops.init_block(jax.random.PRNGKey(0), *args)
+        ops.variant(args[0]).init(jax.random.PRNGKey(0), *args[1:])
 
 
 def test_unknown_layout_is_rejected() -> None:
@@ -248,11 +209,6 @@ def peft_layer(in_f: int, out_f: int, r: int, init_weights: object, mini_r: int,
     return layer
 
 
-def balance_block(block: jax.Array, variant: str, out_f: int) -> jax.Array:
-    """The `(r, out)` block a balance / mini adapter acts with."""
-    return ops.expand_mini(block, out_f) if variant == "mini" else block
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "init_weights,in_f,out_f,r,mini_r",
@@ -270,22 +226,18 @@ def test_ops_match_peft_miss_linear(init_weights: object, in_f: int, out_f: int,
 
     with torch.no_grad():
         peft_out = layer(torch.from_numpy(x)).numpy()
-    if variant == "bat":
-        merged = ops.bat_kernel(kernel, block, layout)
-        y = x @ to_layout(np.asarray(merged), layout).T + bias
+    v = ops.variant(variant)
+    merged = v.merge(kernel, block, layout)
+    if v.additive:
+        y = x @ weight.T + bias + np.asarray(ops.balance_output(jnp.asarray(x), v.effective_block(block, out_f)))
     else:
-        full = balance_block(block, variant, out_f)
-        merged = ops.merge_balance(kernel, full, layout)
-        y = x @ weight.T + bias + np.asarray(ops.balance_output(jnp.asarray(x), full))
+        y = x @ to_layout(np.asarray(merged), layout).T + bias
     np.testing.assert_allclose(y, peft_out, rtol=1e-5, atol=1e-5)
 
     layer.merge()
     np.testing.assert_allclose(merged, to_layout(layer.base_layer.weight.detach().numpy(), layout),
                                rtol=1e-5, atol=1e-5)
     layer.unmerge()
-    if variant == "bat":
-        restored = ops.bat_unmerge(merged, block, layout)
-    else:
-        restored = ops.merge_balance(merged, balance_block(block, variant, out_f), layout, sign=-1)
+    restored = v.unmerge(merged, block, layout)
     np.testing.assert_allclose(restored, to_layout(layer.base_layer.weight.detach().numpy(), layout),
                                rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from interop_helpers import (
     torch_outputs,
     torch_peft_model,
 )
+from helpers import snapshot
 from miss_jax import MissConfig, MissModel, get_peft_model
 
 BONE_FOLDER = os.path.join(os.path.dirname(__file__), "data", "bone_bert")
@@ -37,17 +38,6 @@ LLAMA_ADAPTERS = {
     "mini": dict(r=4, init_weights="mini", mini_r=4, target_modules=["k_proj", "up_proj"]),
     "bat": dict(r=4, init_weights="bat", target_modules=["o_proj", "down_proj"]),
 }
-
-
-def _snapshot(model: MissModel) -> tuple:
-    """Everything a failed load must leave as it was (leaves compared by identity: arrays are immutable)."""
-    return (
-        dict(model.peft_config),
-        list(model.active_adapters),
-        set(model._frozen),
-        {k: id(v) for k, v in traverse_util.flatten_dict(model.adapter_params, keep_empty_nodes=True).items()},
-        {k: id(v) for k, v in traverse_util.flatten_dict(model.params).items()},
-    )
 
 
 # --------------------------------------------------------------------------- variants, several adapters
@@ -84,7 +74,8 @@ def test_torch_folders_load_in_jax(llama, name):
 def test_jax_folders_load_in_torch(llama):
     root, model, _, jax_out = llama
     model.save_pretrained(str(root / "jax"))
-    assert sorted(os.listdir(root / "jax")) == ["adapter_config.json", "adapter_model.safetensors", "bat", "mini"]
+    assert sorted(os.listdir(root / "jax")) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "bat",
+                                                "mini"]  # README.md: PEFT's model card
     for sub in ("", "mini", "bat"):
         assert file_keys(str(root / "jax" / sub)) == file_keys(str(root / "torch" / sub))
     torch_model = load_in_torch("llama", str(root / "jax"), ["mini", "bat"])
@@ -96,7 +87,7 @@ def test_jax_folders_load_in_torch(llama):
 def test_selected_adapters_and_dtype(llama):
     root, model, _, _ = llama
     model.save_pretrained(str(root / "only_mini"), selected_adapters=["mini"], dtype=jnp.bfloat16)
-    assert os.listdir(root / "only_mini") == ["mini"]
+    assert sorted(os.listdir(root / "only_mini")) == ["README.md", "mini"]  # the card at the root, as PEFT
     with safe_open(str(root / "only_mini" / "mini" / "adapter_model.safetensors"), "flax") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {jnp.dtype(jnp.bfloat16)}
     with pytest.raises(ValueError, match=r"adapter sub-folders \['mini'\]: pass subfolder="):
@@ -174,7 +165,7 @@ def test_bias_modes_and_modules_to_save(case, tmp_path):
     np.testing.assert_allclose(jax_outputs(loaded, arch), torch_outputs(torch_model, arch), atol=ATOL)
 
     ours, theirs = file_keys(str(tmp_path / "jax")), file_keys(str(tmp_path / "torch"))
-    # PEFT's bias="all" also writes <module>.modules_to_save.bias / .original_module.bias (see peft_io._peft_extras)
+    # PEFT's bias="all" also writes <module>.modules_to_save.bias / .original_module.bias (see interop.state_dict)
     extras = {k for k in theirs if ".modules_to_save." in k or ".original_module." in k}
     assert extras == ({"base_model.model.classifier.modules_to_save.bias",
                        "base_model.model.classifier.original_module.bias"} if kwargs.get("bias") == "all" else set())
@@ -274,10 +265,10 @@ def test_bad_folders_raise_and_leave_the_model_unchanged(victim, tmp_path, case)
     folder = str(tmp_path / "bad")
     shutil.copytree(good, folder)
     edit(folder)
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=pattern):
         model.load_adapter(folder, "new")
-    assert _snapshot(model) == before
+    assert snapshot(model) == before
     with pytest.raises(ValueError, match=pattern):
         MissModel.from_pretrained(tm.flax_model("llama"), folder)
 

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tiny_models as tm
-from miss_jax import MissConfig, get_peft_model, linen
+from miss_jax import MissConfig, adapters, get_peft_model, linen
 from miss_jax import sharding as S
 from miss_jax import train as T
 
@@ -195,7 +195,7 @@ def test_adapters_are_created_sharded_like_their_kernels(variant):
 def test_random_balance_init_is_created_sharded_with_the_eager_values():
     pm, mesh, rules = _sharded_model("balance", (4, 2), TP, init=False)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # shard_peft_model's key for the first adapter
-    eager = linen.init_adapter(pm.plan.spec("default"), tm.flax_model("llama").params, key)
+    eager = adapters.init(pm.plan.spec("default"), tm.flax_model("llama").params, key)
     _assert_close(pm.adapter_params["miss"]["default"], eager["miss"], atol=0)
     q = pm.adapter_params["miss"]["default"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["miss_block"]
     assert _same_sharding(q, NamedSharding(mesh, P(None, "model")))
@@ -355,6 +355,7 @@ def test_peft_folder_export_from_sharded_params(tmp_path):
 # --------------------------------------------------------------------------- 5. the example
 
 
+@pytest.mark.slow
 def test_example_trains_merges_and_exports_on_a_4x2_mesh(tmp_path):
     import importlib.util
     import os

@@ -1,8 +1,9 @@
 """Layer discovery and PEFT's matching rules, checked against PEFT itself on the same torch architectures.
 
 The oracle is `peft.get_peft_model` on the torch twin of each tiny Flax model (the modules it turns
-into MissLinear). GPT-2's `Conv1D` cannot be adapted by PEFT's MiSS, so for GPT-2 the oracle is
-PEFT's own matching functions (`_maybe_include_all_linear_layers`, `check_target_module_exists`).
+into MissLinear). GPT-2's `Conv1D` cannot be adapted by PEFT's MiSS, so for GPT-2 the oracle is PEFT's
+LoRA with the same matching fields: every PEFT tuner selects modules through the same code
+(`BaseTuner.inject_adapter`), and LoRA accepts Conv1D.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import peft
 import pytest
 import torch
 from peft.tuners.miss.layer import MissLayer
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.tuners.lora.layer import LoraLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from transformers.pytorch_utils import Conv1D
 
@@ -51,11 +52,12 @@ def peft_matches(arch: str, **kwargs: Any) -> set[str]:
     if not any(isinstance(m, Conv1D) for m in model.modules()):
         adapted = peft.get_peft_model(model, config).base_model.model
         return {key for key, m in adapted.named_modules() if isinstance(m, MissLayer)}
-    config = _maybe_include_all_linear_layers(config, model)
-    if config.target_modules is None:
-        config.target_modules = set(PEFT_TARGETS[model.config.model_type])
-    linear = [key for key, m in model.named_modules() if isinstance(m, LINEAR)]
-    return {key for key in linear if check_target_module_exists(config, key)}
+    fields = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+    lora = peft.LoraConfig(r=4, **{f: getattr(config, f) for f in fields})
+    if lora.target_modules is None:
+        lora.target_modules = set(PEFT_TARGETS[model.config.model_type])
+    adapted = peft.get_peft_model(model, lora).base_model.model
+    return {key for key, m in adapted.named_modules() if isinstance(m, LoraLayer)}
 
 
 CASES: list[tuple[str, dict[str, Any]]] = [

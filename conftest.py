@@ -1,4 +1,5 @@
-"""Test session set-up: 8 simulated CPU devices (sharding tests), offline hub, quiet transformers."""
+"""Test session set-up (tests and doctests): 8 simulated CPU devices (sharding tests), offline hub, quiet
+transformers. At the root so that it runs before anything imports jax."""
 
 import os
 

@@ -1,0 +1,257 @@
+"""PEFT folders for NNX models (`miss_jax.nnx.MissNnxModel`), through a name map.
+
+An NNX model's layer keys (graph paths, `layers.0.attn.q_proj`) are not its PyTorch twin's module paths
+(`model.layers.0.self_attn.q_proj`). A `NameMap` says how one becomes the other: `(pattern, replacement)`
+pairs, the first whose pattern full-matches a key wins (`re.fullmatch(...).expand(replacement)`).
+Tensors are the same as the Linen path's (docs/DESIGN.md §5): a layer's kernel, viewed through its layer
+rule as `(in, out)`, is the transpose of the torch weight, so blocks are stored as they are and biases
+flattened over the rule's `out` axes.
+
+Ready maps for tunix's LLMs: `TUNIX_QWEN3`, `TUNIX_LLAMA3` (`tunix_rules()` registers the layer rule of
+their `Einsum` attention projections). `modules_to_save` copies are not written to (or read from) NNX
+PEFT folders yet: saving an adapter with them raises.
+
+>>> TUNIX_QWEN3.torch_name("layers.3.attn.q_proj")
+'model.layers.3.self_attn.q_proj'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from miss_jax import MissConfig, ops
+from miss_jax.layer_rules import einsum_rule, register
+from miss_jax.nnx import MissNnxModel, bias_leaf, discover, get_peft_model, miss_layers
+from miss_jax.targeting import Layer, select
+
+from . import folder_write
+from . import safetensors_io as files
+from .peft_io import config_from_json
+
+PREFIX = "base_model.model."
+BLOCK = "miss_block"
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """NNX layer key <-> torch module path: `(pattern, replacement)` regex pairs, the first full match wins."""
+
+    rules: tuple[tuple[str, str], ...]
+
+    def torch_name(self, key: str) -> Optional[str]:
+        """The torch module path of NNX key `key`, or None if no rule matches."""
+        for pattern, replacement in self.rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return m.expand(replacement)
+        return None
+
+
+_TUNIX_LLM = (
+    (r"layers\.(\d+)\.attn\.(q|k|v|o)_proj", r"model.layers.\1.self_attn.\2_proj"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"model.layers.\1.mlp.\2_proj"),
+    (r"lm_head", "lm_head"),
+)
+TUNIX_QWEN3 = NameMap(_TUNIX_LLM)  # tunix.models.qwen3 <-> transformers' Qwen3ForCausalLM
+TUNIX_LLAMA3 = NameMap(_TUNIX_LLM)  # tunix.models.llama3 <-> transformers' LlamaForCausalLM
+
+
+def tunix_rules() -> None:
+    """Registers the layer rule of tunix's `Einsum` modules (kernel `w`, no bias; in/out from `einsum_str`)."""
+    from tunix.models.llama3 import model as llama3
+    from tunix.models.qwen3 import model as qwen3
+
+    for cls in (qwen3.Einsum, llama3.Einsum):
+        register(cls, lambda module: einsum_rule(module.einsum_str, kernel="w", bias=None))
+
+
+def torch_names(model: nnx.Module, keys: Sequence[str], name_map: NameMap) -> dict[str, str]:
+    """`{nnx key: torch module path}` for `keys`; ValueError naming the keys the map misses or merges."""
+    names = {k: name_map.torch_name(k) for k in keys}
+    missing = [k for k, n in names.items() if n is None]
+    if missing:
+        raise ValueError(
+            f"The name map gives no torch module path for {missing[:5]}{' ...' if len(missing) > 5 else ''}: add a "
+            "(pattern, replacement) pair for them to the NameMap, or do not target them."
+        )
+    seen: dict[str, str] = {}
+    for k, n in names.items():
+        if n in seen:
+            raise ValueError(
+                f"The name map sends both {seen[n]} and {k} to {n!r}: each layer needs its own torch module path. "
+                "Fix the NameMap's patterns."
+            )
+        seen[n] = k
+    return names
+
+
+def _torch_targets(config: MissConfig, model: nnx.Module, layer_keys: Sequence[str], name_map: NameMap) -> Any:
+    """`target_modules` for the torch twin: the config's own if it selects the same layers there, else the
+    list of their torch paths."""
+    mapped = {n: layer for k, layer in discover(model).items() if layer.is_linear
+              for n in [name_map.torch_name(k)] if n is not None}
+    torch_layers = {n: dataclasses.replace(layer, path=tuple(n.split("."))) for n, layer in mapped.items()}
+    wanted = sorted(torch_names(model, layer_keys, name_map).values())
+    try:
+        same = sorted(layer.key for layer in select(config, torch_layers)) == wanted
+    except ValueError:
+        same = False
+    return config.target_modules if same else tuple(wanted)
+
+
+def adapter_files(peft_model: MissNnxModel, adapter_name: str, name_map: NameMap,
+                  dtype: Any = jnp.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(adapter_config.json object, tensors by PEFT key)` of one adapter."""
+    state = peft_model.adapters[adapter_name]
+    if state.saved:
+        raise ValueError(
+            f"Adapter {adapter_name!r} has modules_to_save {list(state.saved)}, which NNX PEFT folders do not "
+            "hold yet: save their weights with your model's own checkpointing, or drop modules_to_save."
+        )
+    model = peft_model.base_model
+    names = torch_names(model, state.layers + state.biases, name_map)
+    layers = miss_layers(model)
+    modules = dict(nnx.iter_graph(model))
+    tensors = {f"{PREFIX}{names[k]}.{BLOCK}": layers[k].miss_block[adapter_name].get_value() for k in state.layers}
+    by_key = {".".join(map(str, p)): node for p, node in modules.items() if isinstance(node, nnx.Module)}
+    for key in state.biases:
+        node = by_key[key]
+        leaf = bias_leaf(node, key)
+        value = node
+        for part in leaf:
+            value = getattr(value, part)
+        inner = ".base_layer" if leaf[0] == "base_layer" else ""
+        tensors[f"{PREFIX}{names[key]}{inner}.bias"] = value.get_value().reshape(-1)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    config = dataclasses.replace(state.config, target_modules=_torch_targets(state.config, model, state.layers, name_map))
+    d = config.to_dict()
+    d["inference_mode"] = True
+    return d, tensors
+
+
+def save_pretrained(peft_model: MissNnxModel, save_directory: str, name_map: NameMap,
+                    selected_adapters: Optional[Sequence[str]] = None, dtype: Any = jnp.float32) -> None:
+    """Writes adapters as PEFT folders (`default` at the root, the others in sub-folders named after them),
+    keyed by the torch module paths `name_map` gives; PyTorch PEFT loads them on the torch twin."""
+    selected = list(peft_model.adapters) if selected_adapters is None else list(selected_adapters)
+    bad = [n for n in selected if n not in peft_model.adapters]
+    if bad or not selected:
+        raise ValueError(f"Unknown adapters {bad or selected}; this model has {list(peft_model.adapters)}.")
+    folders = {"" if n == "default" else n: adapter_files(peft_model, n, name_map, dtype) for n in selected}
+    folder_write.write_adapter_folders(save_directory, folders)
+
+
+def _read(folder: str, is_trainable: bool) -> tuple[MissConfig, dict[str, Any]]:
+    config, legacy = config_from_json(files.read_config(folder))
+    tensors = files.read_tensors(folder)
+    if legacy:
+        tensors = {k.replace(".bone_", ".miss_"): v for k, v in tensors.items()}
+    return dataclasses.replace(config, inference_mode=not is_trainable), tensors
+
+
+def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], name_map: NameMap,
+          folder: str) -> tuple[list[Layer], dict[str, Any]]:
+    """The layers a folder's tensors adapt, `{nnx key: block}`, and its biases `{nnx key: bias}`; ValueError
+    naming the module for a tensor no layer maps to or a block whose shape does not fit its layer."""
+    layers = {k: layer for k, layer in discover(model).items() if layer.is_linear}
+    by_torch: dict[str, str] = {}
+    for k in layers:
+        n = name_map.torch_name(k)
+        if n is not None:
+            if n in by_torch:
+                raise ValueError(f"The name map sends both {by_torch[n]} and {k} to {n!r}. Fix the NameMap's patterns.")
+            by_torch[n] = k
+    blocks, biases, unknown = {}, {}, []
+    for key, value in tensors.items():
+        path = key.removeprefix(PREFIX)
+        module, leaf = path.rsplit(".", 1)
+        module = module.removesuffix(".base_layer")
+        target = by_torch.get(module)
+        if target is None or leaf not in (BLOCK, "bias"):
+            unknown.append(key)
+        elif leaf == BLOCK:
+            blocks[target] = value
+        else:
+            biases[target] = value
+    if unknown:
+        raise ValueError(
+            f"{folder}: tensors {unknown[:3]} name modules no NNX layer maps to; the model's mapped modules are "
+            f"{sorted(by_torch)[:6]} ... Fix the name map (or load the folder into its own architecture)."
+        )
+    variant = ops.variant(config.variant)
+    for k, block in blocks.items():
+        layer = layers[k]
+        try:
+            want = variant.block_shape(layer.in_features, layer.out_features, config.r, config.mini_r)
+        except ValueError as e:
+            raise ValueError(f"{folder}: cannot adapt {k} ({layer.type_name}): {e}") from None
+        if tuple(block.shape) != tuple(want):
+            raise ValueError(
+                f"{folder}: the {BLOCK} for {k} (torch {[n for n, v in by_torch.items() if v == k][0]}) is "
+                f"{tuple(block.shape)}, but that layer (in={layer.in_features}, out={layer.out_features}) needs "
+                f"{tuple(want)} for a {config.variant} adapter with r={config.r}. Check the name map and that the "
+                "folder was trained on this architecture and size."
+            )
+    return [layers[k] for k in blocks], biases
+
+
+def _fill(peft_model: MissNnxModel, adapter_name: str, layers: Sequence[Layer], blocks: Sequence[Any],
+          biases: Mapping[str, Any]) -> None:
+    """Writes a loaded adapter's `blocks` (one per layer of `layers`) and `biases` into the model."""
+    model = peft_model.base_model
+    adapted = miss_layers(model)
+    by_key = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+    for layer, value in zip(layers, blocks):
+        variable = adapted[layer.key].miss_block[adapter_name]
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+    for key, value in biases.items():
+        node = by_key[key]
+        variable = node
+        for part in bias_leaf(node, key) or ():
+            variable = getattr(variable, part)
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype).reshape(variable.shape))
+
+
+def check_bias_shapes(model: nnx.Module, biases: Mapping[str, Any], folder: str) -> None:
+    """ValueError naming the layer for a bias tensor that does not fit it (or a layer with no bias)."""
+    by_key = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+    for key, value in biases.items():
+        leaf = bias_leaf(by_key[key], key)
+        variable = by_key[key]
+        for part in leaf or ():
+            variable = getattr(variable, part)
+        if leaf is None or int(jnp.size(value)) != int(variable.get_value().size):
+            raise ValueError(f"{folder}: the bias for {key} does not fit that layer (its bias: "
+                             f"{None if leaf is None else variable.shape}, the file's: {tuple(value.shape)}).")
+
+
+def load_adapter(peft_model: MissNnxModel, model_id: str, adapter_name: str, name_map: NameMap,
+                 is_trainable: bool = False) -> None:
+    """Loads the PEFT folder `model_id` as adapter `adapter_name` (not activated, as in PEFT). ValueError,
+    leaving the model unchanged, for anything that does not fit."""
+    config, tensors = _read(model_id, is_trainable)
+    layers, biases = _plan(peft_model.base_model, config, tensors, name_map, model_id)
+    check_bias_shapes(peft_model.base_model, biases, model_id)
+    peft_model.add_adapter(adapter_name, config, layers=layers)
+    blocks = [tensors[f"{PREFIX}{name_map.torch_name(layer.key)}.{BLOCK}"] for layer in layers]
+    _fill(peft_model, adapter_name, layers, blocks, biases)
+
+
+def from_pretrained(model: nnx.Module, model_id: str, name_map: NameMap, adapter_name: str = "default",
+                    is_trainable: bool = False, rngs: Optional[nnx.Rngs] = None) -> MissNnxModel:
+    """A `MissNnxModel` around `model` with the adapter of PEFT folder `model_id`, active (`model` is
+    adapted in place; on error it is left unchanged)."""
+    config, tensors = _read(model_id, is_trainable)
+    layers, biases = _plan(model, config, tensors, name_map, model_id)
+    check_bias_shapes(model, biases, model_id)
+    peft_model = get_peft_model(model, config, adapter_name, rngs, layers=layers)
+    blocks = [tensors[f"{PREFIX}{name_map.torch_name(layer.key)}.{BLOCK}"] for layer in layers]
+    _fill(peft_model, adapter_name, layers, blocks, biases)
+    return peft_model

@@ -1,0 +1,248 @@
+"""What an adapted model holds: adapter specs, the static `Plan`, and the adapter pytree.
+
+The adapter pytree (one definition, used by every module) is
+
+    {"miss":            {adapter: {<module path...>: {"miss_block": block}}},
+     "modules_to_save": {adapter: {<module path...>: <param subtree>}},
+     "bias":            {<module path...>: {"bias": bias}}}
+
+with module paths as nested dicts mirroring the base `params`. Blocks are shaped as
+`ops.variant(...).block_shape` says; `modules_to_save` copies and biases like the params they copy.
+Trained biases are shared by the adapters (one bias per layer, as in PEFT's model).
+
+>>> tree = empty()
+>>> sorted(tree)
+['bias', 'miss', 'modules_to_save']
+>>> locate(("miss", "default", "model", "q_proj", BLOCK))
+LeafRef(group='miss', adapter='default', module=('model', 'q_proj'), leaf='miss_block')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+
+from . import ops, tree
+from .config import MissConfig
+from .targeting import Layer
+from .tree import Path
+
+PyTree = Any
+
+MISS = "miss"
+MODULES_TO_SAVE = "modules_to_save"
+BIAS = "bias"
+GROUPS = (MISS, MODULES_TO_SAVE, BIAS)
+BLOCK = "miss_block"  # the leaf name of a block (PEFT's parameter name too)
+RESERVED_NAMES = GROUPS + ("base_model",)  # names an adapter cannot take
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter: its name, its (resolved) config, the layers it adapts, the module subtrees it saves
+    and the module paths whose bias it trains."""
+
+    name: str
+    config: MissConfig
+    layers: tuple[Layer, ...]
+    saved_modules: tuple[Path, ...] = ()
+    bias_paths: tuple[Path, ...] = ()
+
+    @property
+    def variant(self) -> ops.Variant:
+        """The variant's entry of `ops.VARIANTS`."""
+        return ops.variant(self.config.variant)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of an adapted model: every adapter, and those applied in the forward.
+
+    `active` lists the adapters whose terms the forward adds (active, not merged, not disabled), in
+    activation order. `saved` lists the active adapters whose `modules_to_save` copies are used (several
+    when their modules do not overlap: `check_saved_modules`).
+    """
+
+    adapters: tuple[AdapterSpec, ...]
+    active: tuple[str, ...] = ()
+    saved: tuple[str, ...] = ()
+
+    def spec(self, name: str) -> AdapterSpec:
+        """The spec of adapter `name`; ValueError naming the adapters there are."""
+        for s in self.adapters:
+            if s.name == name:
+                return s
+        raise unknown_adapter(name, self.names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.adapters)
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """Every adapter whose weights the forward reads: the `active` ones, then the other `saved` ones."""
+        return self.active + tuple(n for n in self.saved if n not in self.active)
+
+
+def check_saved_modules(specs: Iterable[AdapterSpec]) -> None:
+    """ValueError if two of `specs` (adapters to activate together) save the same module (or one inside the
+    other): as PEFT, each module's copy can come from one active adapter only; disjoint ones combine."""
+    owner: dict[Path, str] = {}
+    for spec in specs:
+        for path in spec.saved_modules:
+            clash = next((p for p in owner if p[: len(path)] == path or path[: len(p)] == p), None)
+            if clash is not None:
+                raise ValueError(
+                    f"Only one adapter can be set at a time for the modules_to_save module {'.'.join(path)}: adapters "
+                    f"{owner[clash]!r} and {spec.name!r} both save it. Activate them one at a time."
+                )
+            owner[path] = spec.name
+
+
+def unknown_adapter(name: Any, names: Sequence[str]) -> ValueError:
+    """The error for an adapter name that is not one of `names`."""
+    return ValueError(f"Unknown adapter {name!r}; this model has {list(names)}.")
+
+
+class LeafRef(NamedTuple):
+    """Where a leaf of the adapter pytree sits: its group, adapter (None for biases), module path and leaf name."""
+
+    group: str
+    adapter: Optional[str]
+    module: Path
+    leaf: str
+
+
+def locate(path: Path) -> LeafRef:
+    """Decodes the path of a leaf of the adapter pytree (or of `trainable_params()`)."""
+    if path and path[0] in (MISS, MODULES_TO_SAVE) and len(path) >= 3:
+        return LeafRef(path[0], path[1], tuple(path[2:-1]), path[-1])
+    if path and path[0] == BIAS and len(path) >= 2:
+        return LeafRef(BIAS, None, tuple(path[1:-1]), path[-1])
+    raise ValueError(f"{tree.path_str(path)!r} is not a leaf of the adapter pytree; its groups are {list(GROUPS)}.")
+
+
+def empty() -> dict:
+    """An adapter pytree with no adapters."""
+    return {group: {} for group in GROUPS}
+
+
+def block(adapter_params: Mapping, name: str, layer: Layer) -> jax.Array:
+    """The `miss_block` of adapter `name` on `layer`."""
+    try:
+        return tree.get(adapter_params[MISS][name], layer.path)[BLOCK]
+    except KeyError:
+        raise ValueError(f"Adapter params hold no {BLOCK} for adapter {name!r} at {layer.key}.") from None
+
+
+def own(adapter_params: Mapping, name: str) -> dict:
+    """Adapter `name`'s own part of the pytree: `{"miss": ..., "modules_to_save": ...}` (no biases)."""
+    return {MISS: adapter_params[MISS][name], MODULES_TO_SAVE: adapter_params[MODULES_TO_SAVE].get(name, {})}
+
+
+def with_adapter(adapter_params: Mapping, name: str, new: Mapping, biases: Mapping[Path, Any]) -> dict:
+    """A new pytree with adapter `name`'s `own` part `new`, and the bias leaves `biases` (module path ->
+    bias) added where none is trained yet."""
+    out = {MISS: {**adapter_params[MISS], name: new[MISS]}, MODULES_TO_SAVE: dict(adapter_params[MODULES_TO_SAVE])}
+    if new[MODULES_TO_SAVE]:
+        out[MODULES_TO_SAVE][name] = new[MODULES_TO_SAVE]
+    flat = tree.flatten(adapter_params[BIAS])
+    for path, bias in biases.items():
+        flat.setdefault(path + ("bias",), bias)
+    out[BIAS] = tree.unflatten(flat)
+    return out
+
+
+def without_adapter(adapter_params: Mapping, name: str, kept_bias_paths: set[Path]) -> dict:
+    """A new pytree without adapter `name`; biases stay only at `kept_bias_paths` (those other adapters train)."""
+    bias = {k: v for k, v in tree.flatten(adapter_params[BIAS]).items() if k[:-1] in kept_bias_paths}
+    return {
+        MISS: {k: v for k, v in adapter_params[MISS].items() if k != name},
+        MODULES_TO_SAVE: {k: v for k, v in adapter_params[MODULES_TO_SAVE].items() if k != name},
+        BIAS: tree.unflatten(bias),
+    }
+
+
+def trainable(adapter_params: Mapping, plan: Plan) -> dict:
+    """What a train step differentiates for `plan`: the active blocks, the `saved` adapters' module copies,
+    and the trained biases."""
+    return {
+        MISS: {n: adapter_params[MISS][n] for n in plan.active},
+        MODULES_TO_SAVE: {n: adapter_params[MODULES_TO_SAVE][n] for n in plan.saved},
+        BIAS: adapter_params[BIAS],
+    }
+
+
+# --------------------------------------------------------------------------- creating adapters
+
+
+def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...]:
+    """Module paths (param subtrees) whose name equals or ends with an entry of `modules_to_save`.
+
+    Raises if no entry matches (PEFT's task wrappers add names such as "score" that a model may lack).
+    """
+    names = config.modules_to_save or ()
+    found: list[Path] = []
+    flat = tree.flatten(params)
+    modules = sorted({path[:i] for path in flat for i in range(1, len(path))})
+    for path in modules:
+        key = ".".join(path)
+        if any(key == n or key.endswith("." + n) for n in names) and not any(path[: len(f)] == f for f in found):
+            found.append(path)
+    if names and not found:  # as PEFT, names that match nothing are skipped while another one matches
+        raise ValueError(
+            f"modules_to_save {list(names)} not found in the model's params; top-level modules are "
+            f"{sorted({p[0] for p in flat})}."
+        )
+    return tuple(found)
+
+
+def find_bias_paths(
+    config: MissConfig, params: Mapping, layers: tuple[Layer, ...], saved: tuple[Path, ...] = ()
+) -> tuple[Path, ...]:
+    """Module paths whose `bias` is trained: every bias ("all") or those of adapted layers ("MiSS_only").
+
+    Biases inside `saved` (modules_to_save) modules are left out: as in PEFT, their copy trains instead.
+    """
+    if config.bias == "all":
+        return tuple(
+            path[:-1] for path in tree.flatten(params)
+            if path[-1] == "bias" and not any(path[: len(s)] == s for s in saved)
+        )
+    if config.bias == "MiSS_only":
+        return tuple(layer.path for layer in layers if layer.has_bias)
+    return ()
+
+
+def make_spec(name: str, config: MissConfig, layers: tuple[Layer, ...], params: Mapping) -> AdapterSpec:
+    """The spec of adapter `name` with `config` (targets resolved) on `layers` of a model with `params`."""
+    saved = find_modules_to_save(config, params)
+    return AdapterSpec(name, config, layers, saved, find_bias_paths(config, params, layers, saved))
+
+
+def init(spec: AdapterSpec, params: Mapping, rng: jax.Array, abstract: bool = False) -> dict:
+    """New `own` params of `spec`: `{"miss": {...}, "modules_to_save": {...}}`.
+
+    Blocks follow `spec.variant.init` (validated against each layer's shape); `modules_to_save` start
+    as the base subtrees (JAX arrays are immutable, so no copy is made). With `abstract`, leaves are
+    `jax.ShapeDtypeStruct`s.
+    """
+    c, variant = spec.config, spec.variant
+    miss: dict[Path, Any] = {}
+    rngs = jax.random.split(rng, max(len(spec.layers), 1))
+    for layer, key in zip(spec.layers, rngs):
+        make = lambda key=key, layer=layer: variant.init(  # noqa: E731
+            key, layer.in_features, layer.out_features, c.r, c.mini_r, random=c.init_weights is False
+        )
+        try:
+            miss[layer.path + (BLOCK,)] = jax.eval_shape(make) if abstract else make()
+        except ValueError as e:
+            raise ValueError(f"Cannot adapt {layer.key} (in={layer.in_features}, out={layer.out_features}): {e}") from None
+    saved: dict[Path, Any] = {}
+    for path in spec.saved_modules:
+        sub = tree.get(params, path)
+        tree.put(saved, path, tree.shapes(sub) if abstract else sub)
+    return {MISS: tree.unflatten(miss), MODULES_TO_SAVE: tree.unflatten(saved)}

@@ -1,0 +1,223 @@
+"""Generation with MiSS adapters: transformers' own Flax `generate`, run under the adapter plan.
+
+`generate(peft_model, input_ids, ...)` runs the wrapped model's `generate` (greedy, sampling, beam
+search, with its KV cache) inside `linen.apply`, so every decoding step, and the encoder pass of an
+encoder-decoder, goes through the MiSS interceptor (balance/mini) and the param overlay (bat,
+`modules_to_save`, trained biases) of the current plan. Merged adapters are in `params` already, and
+`disable_adapter()` gives an empty plan.
+
+The whole generation is one `jax.jit` program. Its traced arguments are the params, the adapter
+params, `input_ids` and every array keyword (`attention_mask`, `prng_key`, `decoder_input_ids`,
+...); the plan and the other keywords (`max_new_tokens`, `do_sample`, `num_beams`, ...) are static.
+Programs are cached per base model (held weakly), plan, static keywords and generation config, so a
+second call with the same shapes and options does not trace again.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import GenerationConfig
+
+from . import linen
+from .adapters import Plan
+
+if TYPE_CHECKING:
+    from .model import MissModel
+
+PyTree = Any
+Statics = tuple[tuple[str, Any], ...]
+
+_PROGRAMS: "weakref.WeakKeyDictionary[Any, dict[tuple, Callable]]" = weakref.WeakKeyDictionary()
+_PROGRAMS_KEPT = 32  # per base model; the oldest program is dropped first
+
+
+def generate(
+    peft_model: "MissModel",
+    input_ids: Any,
+    attention_mask: Optional[Any] = None,
+    *,
+    params: Optional[Mapping] = None,
+    adapter_params: Optional[Mapping] = None,
+    trace: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Generates from `input_ids` with the active adapters; transformers' Flax `generate` options apply.
+
+    Args:
+      peft_model: a `MissModel` whose base model can generate (a causal LM or an encoder-decoder).
+      input_ids: `(batch, prompt_len)` int token ids (the encoder input of an encoder-decoder).
+      attention_mask: `(batch, prompt_len)` 0/1 mask (left padding for decoder-only models), or None.
+      params / adapter_params: override `peft_model.params` / `peft_model.adapter_params`.
+      trace: False runs the decoding loop eagerly, step by step (transformers' debug mode); no jit.
+      **kwargs: generation options (`max_new_tokens`, `max_length`, `do_sample`, `temperature`,
+        `top_k`, `top_p`, `num_beams`, `prng_key`, `generation_config`, `logits_processor`, ...) and
+        model inputs (`decoder_input_ids`, ...), as for the base model's `generate`.
+
+    Returns:
+      The base model's output: `.sequences` `(batch, max_length)` int32, prompt included (for an
+      encoder-decoder, the decoder sequence); beam search gives `(batch, max_length)` best beams and
+      `.scores`. Finished rows are filled with `pad_token_id`.
+
+    Raises:
+      ValueError: the base model cannot generate, `adapter_names=` is passed, the prompt does not fit
+        `max_length` or the model's positions, a keyword is neither an array nor hashable, or an active
+        adapter has no weights yet. Nothing is changed on the model.
+    """
+    model = peft_model.base_model
+    _check_can_generate(model)
+    _check_kwargs(kwargs)
+    input_ids = _as_ids(input_ids)
+    _check_lengths(model, input_ids, kwargs)
+    plan = peft_model.plan
+    peft_model.require_weights(plan.applied)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = jnp.asarray(attention_mask)
+    arrays, statics = _split(kwargs)
+    params = peft_model.params if params is None else params
+    adapter_params = peft_model.adapter_params if adapter_params is None else adapter_params
+    if not trace:
+        return _run(model, plan, statics + (("trace", False),), params, adapter_params, input_ids, arrays)
+    return _program(model, plan, statics)(params, adapter_params, input_ids, arrays)
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def _run(model: Any, plan: Plan, statics: Statics, params: Mapping, adapter_params: Mapping,
+         input_ids: jax.Array, arrays: dict[str, PyTree]) -> Any:
+    """`model.generate(input_ids, params=..., **arrays, **statics)` with `plan`'s adapters applied."""
+    call = lambda p, *a, **k: model.generate(*a, params=p, **k)  # noqa: E731
+    kwargs = {**arrays, **{k: _thaw(v) for k, v in statics}}
+    return linen.apply(plan, call, params, adapter_params, input_ids, **kwargs)
+
+
+def _program(model: Any, plan: Plan, statics: Statics) -> Callable:
+    """The jitted generation for (model, plan, statics, the model's generation config), cached.
+
+    The program holds the model weakly: the cache never keeps a model (and its params) alive."""
+    programs = _PROGRAMS.setdefault(model, {})
+    key = (plan, statics, model.generation_config.to_json_string(ignore_metadata=True))
+    if key not in programs:
+        if len(programs) >= _PROGRAMS_KEPT:
+            programs.pop(next(iter(programs)))
+        ref = weakref.ref(model)
+        programs[key] = jax.jit(lambda *args: _run(ref(), plan, statics, *args))
+    return programs[key]
+
+
+def _split(kwargs: Mapping[str, Any]) -> tuple[dict[str, PyTree], Statics]:
+    """Array keywords (pytrees of arrays: traced) and the rest, frozen and sorted (static, hashable)."""
+    arrays, statics = {}, []
+    for k, v in kwargs.items():
+        leaves = jax.tree_util.tree_leaves(v)
+        if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+            arrays[k] = v
+            continue
+        frozen = _freeze(v)
+        try:
+            hash(frozen)
+        except TypeError:
+            raise ValueError(
+                f"generate({k}=...) got a {type(v).__name__}, which is neither an array (traced) nor hashable "
+                "(static): pass arrays, or plain Python values (numbers, strings, lists, tuples)."
+            ) from None
+        statics.append((k, frozen))
+    return arrays, tuple(sorted(statics, key=lambda kv: kv[0]))
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in: lists become tuples (recursively), a GenerationConfig a private copy."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, GenerationConfig):  # hashed and compared by value; copied so later edits cannot alias
+        return copy.deepcopy(value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Undoes `_freeze` for transformers: tuples back to lists (it tests `isinstance(x, list)`)."""
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+# --------------------------------------------------------------------------- checks (before any work)
+
+
+def _check_can_generate(model: Any) -> None:
+    can = getattr(model, "can_generate", None)
+    if not callable(getattr(model, "generate", None)) or not callable(can) or not can():
+        raise ValueError(
+            f"{type(model).__name__} cannot generate: it has no language-model head. Load the adapter into a "
+            "generation class of the same architecture (a Flax ...ForCausalLM or ...ForConditionalGeneration), "
+            "or call the model, peft_model(...), for this class's own outputs."
+        )
+
+
+def _check_kwargs(kwargs: Mapping[str, Any]) -> None:
+    if "adapter_names" in kwargs:
+        raise ValueError(
+            "adapter_names= (PEFT's mixed-adapter batches) is not supported for MiSS, in PyTorch PEFT either (its "
+            "MissModel ignores it). Generate each group of rows separately: peft_model.set_adapter(name), then "
+            "peft_model.generate(rows, ...)."
+        )
+
+
+def _as_ids(input_ids: Any) -> jax.Array:
+    """`input_ids` as a `(batch, prompt_len)` integer array."""
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids, a (batch, prompt_len) array of token ids.")
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be a (batch, prompt_len) integer array with prompt_len >= 1, got shape {ids.shape} "
+            f"{ids.dtype}; add a batch axis with input_ids[None] for a single prompt."
+        )
+    return ids
+
+
+def _check_lengths(model: Any, input_ids: jax.Array, kwargs: Mapping[str, Any]) -> None:
+    """The decoded sequence must be longer than its prompt and fit the model's position table.
+
+    transformers only logs a warning for a prompt as long as `max_length`, then decodes garbage or never
+    stops; a position past `max_position_embeddings` silently reuses the last position.
+    """
+    config = model.config
+    if config.is_encoder_decoder:
+        decoder_ids = kwargs.get("decoder_input_ids")
+        prompt, what = (1, "the decoder start token") if decoder_ids is None else (
+            np.shape(decoder_ids)[-1], "decoder_input_ids")
+    else:
+        prompt, what = input_ids.shape[1], "input_ids"
+    max_length = _max_length(model, prompt, kwargs)
+    if max_length <= prompt:
+        raise ValueError(
+            f"{what} has {prompt} tokens but max_length is {max_length}, which leaves no token to generate: pass "
+            f"max_new_tokens=N (the number of tokens to add), or a max_length larger than {prompt}."
+        )
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(max_length, input_ids.shape[1])
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"Generation needs {longest} positions but {type(model).__name__} has max_position_embeddings={limit}: "
+            f"lower max_new_tokens/max_length, or shorten the prompt, so that at most {limit} positions are used."
+        )
+
+
+def _max_length(model: Any, prompt: int, kwargs: Mapping[str, Any]) -> int:
+    """The `max_length` transformers' Flax `generate` will use (its own rules, transformers 4.x)."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+    if config.max_new_tokens is not None:  # `update` validated it (> 0)
+        return prompt + config.max_new_tokens
+    default = GenerationConfig().max_length
+    if kwargs.get("max_length") is None or config.max_length != default:
+        return config.max_length
+    # an explicit max_length equal to the default (20) is widened by the prompt, as transformers does
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(default + prompt, limit) if limit is not None else default + prompt

@@ -1,0 +1,115 @@
+"""tunix's Qwen 3 and Llama 3 (NNX) against their transformers PyTorch twins with the same weights, through
+PEFT folders both ways (`interop.nnx_io` with the ready name maps). Runs in the modern environment
+(`make test-modern`); the PyTorch side runs in `MISS_JAX_TORCH_PYTHON`'s environment (tests/torch_twin.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from interop import nnx_io
+from miss_jax import MissConfig
+from miss_jax.nnx import get_peft_model, miss_layers
+
+tunix_qwen3 = pytest.importorskip("tunix.models.qwen3.model")
+from tunix.models.llama3 import model as tunix_llama3  # noqa: E402
+from tunix.models.llama3 import params as llama3_params  # noqa: E402
+from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
+
+TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
+TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
+IDS = np.array([[1, 5, 9, 14, 3, 60, 22, 7], [2, 33, 4, 4, 18, 51, 0, 12]])  # torch_twin.IDS
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+INIT = {"balance": True, "mini": "mini", "bat": "bat"}
+DIMS = dict(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2,
+            rope_theta=1_000_000, norm_eps=1e-6)
+ARCHS = {
+    "qwen3": (lambda: tunix_qwen3.ModelConfig(**DIMS, use_tied_embedding=False), qwen3_params, nnx_io.TUNIX_QWEN3),
+    "llama": (lambda: tunix_llama3.ModelConfig(**DIMS, weight_tying=False), llama3_params, nnx_io.TUNIX_LLAMA3),
+}
+
+pytestmark = pytest.mark.skipif(not TORCH_PYTHON, reason="set MISS_JAX_TORCH_PYTHON (make test-modern does)")
+nnx_io.tunix_rules()
+
+
+def torch_side(*args: str) -> None:
+    subprocess.run([TORCH_PYTHON, TWIN, *args], check=True, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> dict[str, str]:
+    """Each arch's folder made by the torch side: base weights, PEFT adapters and their logits."""
+    out = {}
+    for arch in ARCHS:
+        folder = str(tmp_path_factory.mktemp(arch))
+        torch_side("make", arch, folder)
+        out[arch] = folder
+    return out
+
+
+def tunix_model(arch: str, folder: str) -> nnx.Module:
+    make_config, params, _ = ARCHS[arch]
+    return params.create_model_from_safe_tensors(os.path.join(folder, "base"), make_config())
+
+
+def logits(model: nnx.Module) -> np.ndarray:
+    ids = jnp.asarray(IDS)
+    b, t = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    out, _ = model(ids, positions, None, mask)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_twins_agree_without_adapters(arch, twins):
+    np.testing.assert_allclose(logits(tunix_model(arch, twins[arch])), np.load(f"{twins[arch]}/base.npy"), atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(INIT))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_pytorch_peft_adapter_loads_into_tunix(arch, variant, twins):
+    folder = twins[arch]
+    model = nnx_io.from_pretrained(tunix_model(arch, folder), f"{folder}/{variant}", ARCHS[arch][2])
+    assert len(miss_layers(model.base_model)) == 2 * len(TARGETS)
+    want = np.load(f"{folder}/{variant}.npy")
+    assert np.abs(want - np.load(f"{folder}/base.npy")).max() > 1e-3  # the adapter changes the logits
+    np.testing.assert_allclose(logits(model), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_adapter_trained_in_jax_loads_in_pytorch_peft(arch, twins, tmp_path):
+    folder = twins[arch]
+    folders, expected = [], {}
+    for variant, init in INIT.items():
+        model = get_peft_model(tunix_model(arch, folder), MissConfig(r=4, mini_r=8, init_weights=init,
+                                                                     target_modules=TARGETS))
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=model.trainable)
+        target = jax.random.normal(jax.random.key(0), (*IDS.shape, 64))
+
+        @nnx.jit
+        def step(m, opt):
+            loss_fn = lambda m: jnp.mean((m(jnp.asarray(IDS), jnp.broadcast_to(jnp.arange(8), IDS.shape), None,
+                                            jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8)))[0]
+                                          - target) ** 2)
+            loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))(m)
+            opt.update(m, grads)
+            return loss
+
+        losses = [float(step(model, optimizer)) for _ in range(3)]
+        assert losses[-1] < losses[0]
+        out = str(tmp_path / variant)
+        nnx_io.save_pretrained(model, out, ARCHS[arch][2])
+        folders.append(out)
+        expected[out] = logits(model)
+    torch_side("logits", arch, f"{folder}/base", *folders)
+    for out, want in expected.items():
+        assert np.abs(want - np.load(f"{folder}/base.npy")).max() > 1e-4
+        np.testing.assert_allclose(np.load(out + ".npy"), want, atol=1e-4, err_msg=out)
