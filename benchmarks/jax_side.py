@@ -124,7 +124,7 @@ class JaxSuite:
             out["long"] = self._long_cases(out["compiles"])
             return out
         models = {v: self._miss_model(v) for v in specs.VARIANTS}
-        from miss_jax.model import trace_count
+        from miss_jax.programs import trace_count
 
         out["forward"] = self._forward_cases(models)
         for variant, pm in models.items():  # traces of each jitted program: 1 when nothing recompiled
@@ -159,7 +159,7 @@ class JaxSuite:
         plain loss), `balance` (blockwise attention, the chunked loss) and `balance+remat` (and per-layer
         gradient checkpointing). `compiles` gets each step's traces while it was built and warmed up."""
         from miss_jax import losses
-        from miss_jax.model import trace_count
+        from miss_jax.programs import trace_count
         from miss_jax.train import create_train_state, make_train_step
 
         rounds = self._rounds()

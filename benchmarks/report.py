@@ -125,7 +125,9 @@ def markdown(result: dict[str, Any]) -> str:
     """One table per model: median times, JAX/PyTorch, MiSS/base in each framework, peak memory."""
     meta = result["meta"]
     lines = [f"# miss-jax vs PEFT {meta['versions'].get('peft', '')} benchmark", "",
-             f"device: {meta['device']}; threads: {meta['threads']}; r={meta['r']}, mini_r={meta['mini_r']}; "
+             f"device: {meta['device']}; CPU: {meta.get('cpu', {}).get('model', '?')} "
+             f"({', '.join(meta.get('cpu', {}).get('vector_extensions', [])) or 'no vector extensions listed'}); "
+             f"threads: {meta['threads']}; r={meta['r']}, mini_r={meta['mini_r']}; "
              f"median of {meta['repeats']} runs after {meta['warmup']} warm-up; load average at start/end: "
              f"{meta['loadavg_start']} / {meta['loadavg_end']}.", ""]
     for name, model in result["models"].items():

@@ -115,6 +115,28 @@ def same_weights(workdir: str, name: str) -> Optional[float]:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
+                "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a run measured on: model name, logical CPUs and the vector extensions it has (from
+    /proc/cpuinfo; ratios measured on one CPU are facts about that CPU)."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model == "unknown":
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "logical_cpus": os.cpu_count(), "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+
+
 def combine(settings: specs.Settings, sides: dict[str, dict], step_times: dict[str, float],
             loads: tuple[Any, Any], argv: list[str]) -> dict[str, Any]:
     """The output JSON: meta, then per model its spec, both sides' numbers, ratios and targets."""
@@ -130,6 +152,7 @@ def combine(settings: specs.Settings, sides: dict[str, dict], step_times: dict[s
         "versions": versions, "xla_flags": sides.get("jax", {}).get("xla_flags"),
         "jax_device_count": sides.get("jax", {}).get("device_count"),
         "cpus": {k: v.get("cpus") for k, v in sides.items()},
+        "cpu": cpu_info(),
         "step_seconds": {k: round(v, 1) for k, v in step_times.items()},
         "loadavg_start": loads[0], "loadavg_end": loads[1],
     }

@@ -1,6 +1,7 @@
 """A causal LM adapted with MiSS in JAX, exported, and decoded greedily in both JAX and PyTorch PEFT.
 
     python examples/causal_lm_generate.py
+    python examples/causal_lm_generate.py --seq 512 --batch-size 4 --accum-steps 2 --remat --blockwise --steps 20
 
 A small Llama-architecture model (random weights from a `LlamaConfig`, written as a PyTorch
 transformers folder that both frameworks load) gets a word-level vocabulary built from
@@ -71,14 +72,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=16, help="MiSS shard size r")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--window", type=int, default=32, help="training sequence length")
+    p.add_argument("--seq", type=int, default=32, help="training sequence length (tokens per example)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accum-steps", type=int, default=1,
+                   help="gradient accumulation: micro-batches per step (must divide --batch-size)")
+    p.add_argument("--remat", action="store_true", help="per-layer gradient checkpointing (less memory, more time)")
+    p.add_argument("--blockwise", action="store_true",
+                   help="blockwise attention and the chunked loss: no (T, T) attention weights or (T, vocab) "
+                        "logits kept for the backward pass (for long --seq)")
     p.add_argument("--output-dir", default=os.path.join("out", "causal_lm"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("new_tokens", "r", "steps", "window", "batch_size"):
+    for name in ("new_tokens", "r", "steps", "seq", "batch_size", "accum_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size % args.accum_steps:
+        p.error(f"--accum-steps {args.accum_steps} must divide --batch-size {args.batch_size}")
     return args
 
 
@@ -90,7 +99,7 @@ def token_stream(vocab: WordVocab, text: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def make_base_model(vocab_size: int, seed: int, folder: str) -> Any:
+def make_base_model(vocab_size: int, seed: int, folder: str, positions: int = 128) -> Any:
     """Writes a small random Llama (hidden 64, 2 layers, 4 heads, 2 key/value heads) to `folder` as a
     transformers PyTorch folder, and returns it loaded in Flax (`from_pt=True`): both frameworks then
     read the same weights, as with a real checkpoint."""
@@ -99,7 +108,7 @@ def make_base_model(vocab_size: int, seed: int, folder: str) -> Any:
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        num_key_value_heads=2, max_position_embeddings=positions, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -108,19 +117,26 @@ def make_base_model(vocab_size: int, seed: int, folder: str) -> Any:
 
 
 def train(peft_model: Any, stream: np.ndarray, args: argparse.Namespace) -> list[float]:
-    """`args.steps` AdamW steps on random windows of the token stream; returns the losses."""
+    """`args.steps` AdamW steps on random windows of the token stream; returns the losses. After each step
+    the model holds the trained adapter (the step writes it back)."""
+    from miss_jax import losses as L
+
+    if args.remat:
+        peft_model.gradient_checkpointing_enable()
+    if args.blockwise:
+        peft_model.set_attn_implementation("blockwise", block_size=min(512, args.seq))
+    loss_fn = L.ChunkedCausalLMLoss() if args.blockwise else T.causal_lm_loss
     tx = optax.adamw(args.lr)
     state = T.create_train_state(peft_model, tx)  # copies the adapter leaves: the step donates the state
-    step = T.make_train_step(peft_model, tx, T.causal_lm_loss)
+    step = T.make_train_step(peft_model, tx, loss_fn, accum_steps=args.accum_steps)
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
     losses = []
     for i in range(args.steps):
-        starts = rng.integers(0, len(stream) - args.window, args.batch_size)
-        batch = {"input_ids": jnp.asarray(np.stack([stream[s : s + args.window] for s in starts]))}
+        starts = rng.integers(0, len(stream) - args.seq, args.batch_size)
+        batch = {"input_ids": jnp.asarray(np.stack([stream[s : s + args.seq] for s in starts]))}
         state, loss = step(peft_model.params, state, batch, jax.random.fold_in(key, i))
         losses.append(float(loss))
-    peft_model.update_params(state.trainable)
     return losses
 
 
@@ -163,12 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         text = f.read()
     vocab = WordVocab(text)
     stream = token_stream(vocab, text)
-    if len(stream) <= args.window:
-        raise ValueError(f"{args.text_file} has {len(stream)} tokens; --window {args.window} needs more.")
+    if len(stream) <= args.seq:
+        raise ValueError(f"{args.text_file} has {len(stream)} tokens; --seq {args.seq} needs more.")
     prompt = [BOS] + vocab.encode(args.prompt)
 
     base_dir = os.path.join(args.output_dir, "base_model")
-    model = make_base_model(len(vocab.words), args.seed, base_dir)
+    model = make_base_model(len(vocab.words), args.seed, base_dir, positions=max(128, args.seq))
     peft_model = get_peft_model(model, MissConfig(
         r=args.r, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"
     ))

@@ -60,35 +60,27 @@ Batch = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- options
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows each option's default, except where there is none (None or False: the help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = " (default: %(default)s)"
     p.add_argument("--model-dir", help=f"a transformers BERT-family folder (default: the {MODEL_PACKAGE} package's)")
     p.add_argument("--data-file", default=DEFAULT_DATA, help="one file; rows split by its `split` column, "
-                   "or 25%% held out at random when it has none")
+                   "or 25%% held out at random when it has none" + d)
     p.add_argument("--train-file", help="training rows (use with --eval-file instead of --data-file)")
     p.add_argument("--eval-file", help="held-out rows (use with --train-file)")
-    p.add_argument("--r", type=int, default=32, help="MiSS shard size r")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="balance", help="MiSS variant")
-    p.add_argument("--mini-r", type=int, default=8, help="block width for --variant mini")
-    p.add_argument("--targets", nargs="+", default=["query", "value"], help="target_modules")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    p.add_argument("--max-length", type=int, default=64, help="longest sequence in tokens (longer texts are cut)")
+    p.add_argument("--r", type=int, default=32, help="MiSS shard size r" + d)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="balance", help="MiSS variant" + d)
+    p.add_argument("--mini-r", type=int, default=8, help="block width for --variant mini" + d)
+    p.add_argument("--targets", nargs="+", default=["query", "value"], help="target_modules" + d)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows" + d)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step" + d)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)" + d)
+    p.add_argument("--max-length", type=int, default=64, help="longest sequence in tokens (longer texts are cut)" + d)
     p.add_argument("--output-dir", default=None,
                    help=f"folder for the adapter, base model, checkpoints and summary (default: {DEMO_DIR} for the "
                         f"demo's own settings; a run with other options gets {RUNS_DIR}/<its options>, so it never "
                         "replaces the demo's output unless you name that folder)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the classifier head, the data order and dropout")
+    p.add_argument("--seed", type=int, default=0, help="seeds the classifier head, the data order and dropout" + d)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (a quick run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     args = p.parse_args(argv)

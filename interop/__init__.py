@@ -4,6 +4,7 @@
   state_dict      -- get_peft_model_state_dict / set_peft_model_state_dict: an adapter's tensors by PEFT key
   folder_write    -- atomic, file-by-file folder writes that never touch a user's files
   lora            -- LoRA export (save_pretrained(as_lora=True), miss-jax convert --to lora)
+  nnx_io          -- PEFT folders for Flax NNX models through name maps (tunix's Llama 3 / Qwen 3)
   torch_ref, cli  -- the PyTorch reference check and the `miss-jax` command
   names           -- Flax param path <-> PEFT / torch state-dict key mapping
   safetensors_io  -- the folder's two files (JSON + safetensors only: loading runs no code)

@@ -1,6 +1,7 @@
 """The `miss-jax` command: check an adapter against PyTorch, convert checkpoints, inspect folders.
 
     miss-jax check   --base MODEL_DIR --adapter ADAPTER_DIR [--atol 1e-4] [--seq-len 8] [--batch 2] [--seed 0]
+                     [--nnx {tunix-qwen3,tunix-llama3} [--torch-python PY]]
     miss-jax convert SRC --to {peft,lora} --base MODEL_DIR --out OUT_DIR [--rank K] [--step N] [--adapter-name NAME]
     miss-jax inspect ADAPTER_DIR
 
@@ -23,7 +24,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 _EXAMPLES = {
-    "check": ["miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4"],
+    "check": ["miss-jax check --base ./llama-tiny --adapter ./my-adapter --atol 1e-4",
+              "miss-jax check --nnx tunix-qwen3 --base ./qwen3-tiny --adapter ./my-adapter --torch-python .venv/bin/python"],
     "convert": [
         "miss-jax convert ./ckpts --to peft --base ./llama-tiny --out ./my-adapter",
         "miss-jax convert ./my-adapter --to lora --base ./llama-tiny --out ./my-lora --rank 16",
@@ -134,7 +136,7 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
     """
     import jax
 
-    from miss_jax import MissConfig, MissModel, train
+    from miss_jax import MissConfig, MissModel, adapters, train
 
     from .torch_ref import load_flax_model
 
@@ -148,7 +150,7 @@ def model_from_checkpoint(ckpt_dir: str, base_dir: str, step: Optional[int] = No
     for name in names[1:]:
         model.add_adapter(name, MissConfig.from_dict(meta["adapters"][name]), low_cpu_mem_usage=True)
     model.set_adapter(meta["active"])
-    expected = model.trainable_params()
+    expected = adapters.trainable(model.adapter_params, model.plan)  # shapes only: the model holds no weights yet
     trained = {g: state["trainable"].get(g, {}) for g in expected}
     want = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
     got = jax.tree_util.tree_map(lambda a: tuple(a.shape), trained)
@@ -254,6 +256,12 @@ PyTorch (peft.PeftModel.from_pretrained), run the same random inputs through bot
 for text models, pixel_values for vision models, plus decoder_input_ids for encoder-decoders)
 and print the largest absolute difference per output. GPT-2 style Conv1D layers, which PEFT's
 MiSS cannot load, are checked through the adapter's exact LoRA export (PEFT's LoRA loads them).
+
+With --nnx FAMILY the JAX side is an NNX model instead: tunix's Qwen 3 or Llama 3 built from the
+folder's model.safetensors (create_model_from_safe_tensors), the adapter loaded through
+interop.nnx_io.from_pretrained with that family's name map; the logits are compared. Its PyTorch
+side runs in --torch-python (default $MISS_JAX_TORCH_PYTHON, else this Python), an interpreter
+with torch, transformers and peft, so tunix (Python >= 3.12) and torch may live in two venvs.
 """
 _CONVERT = """\
 Convert SRC, an orbax training checkpoint (miss_jax.train.save_checkpoint) or a PEFT MiSS
@@ -289,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens per sequence for text models (default 8)")
     p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--nnx", choices=("tunix-qwen3", "tunix-llama3"), default=None, metavar="{tunix-qwen3,tunix-llama3}",
+                   help="check on this NNX model family (needs google-tunix) instead of transformers' Flax model")
+    p.add_argument("--torch-python", default=None, metavar="PY",
+                   help="with --nnx: the Python with torch + transformers + peft that runs the PyTorch side "
+                        "(default $MISS_JAX_TORCH_PYTHON, else this Python)")
 
     p = sub.add_parser("convert", help="checkpoint -> PEFT folder; checkpoint or PEFT folder -> LoRA folder",
                        description=_CONVERT, epilog=_epilog("convert"), formatter_class=fmt)
@@ -332,6 +345,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print("\n".join(inspect_folder(args.adapter)))
         return 0
+    if args.command == "check" and (args.nnx or args.torch_python):
+        return _check_nnx(args)
     from .torch_ref import check, weight_formats
 
     weight_formats(args.base)  # fail fast on a bad --base
@@ -343,6 +358,22 @@ def _run(args: argparse.Namespace) -> int:
         lines = convert(args.src, args.to, args.base, args.out, args.rank, args.step, args.adapter_name)
     print("\n".join(lines))
     return 0
+
+
+def _check_nnx(args: argparse.Namespace) -> int:
+    """`check --nnx`: the NNX model family against PyTorch PEFT (interop.nnx_check)."""
+    if not args.nnx:
+        raise ValueError("--torch-python is for --nnx checks; pass --nnx tunix-qwen3 or --nnx tunix-llama3.")
+    from .nnx_check import check_nnx
+    from .torch_ref import weight_formats
+
+    weight_formats(args.base)  # fail fast on a bad --base
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        result = check_nnx(args.nnx, args.base, args.adapter, args.atol, args.seq_len, args.batch, args.seed,
+                           args.torch_python)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -233,7 +233,7 @@ def save_lora(
     rank: Optional[Union[int, float]] = None,
     progress: bool = False,
 ) -> LoraReport:
-    """Writes adapter `adapter_name` as a PEFT LoRA folder (written beside it, then renamed into place).
+    """Writes adapter `adapter_name` as a PEFT LoRA folder (each file replaced atomically, see `interop.folder_write`).
 
     `peft.PeftModel.from_pretrained(torch_model, save_directory)` (or vLLM) loads it. Returns the
     report of the export (per-layer rank and relative Frobenius error; 0 for exact layers).

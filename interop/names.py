@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from miss_jax.adapters import BLOCK  # PEFT's parameter name; the adapter pytree uses the same leaf name
+from miss_jax import adapters
 from miss_jax.tree import Path
 
 PREFIX = "base_model.model."
+BLOCK = adapters.BLOCK  # PEFT's parameter name; the adapter pytree uses the same leaf name
 BASE_LAYER = "base_layer"  # PEFT's wrapped layer: the bias of an adapted layer is `<path>.base_layer.bias`
 ORIGINAL_MODULE = "original_module"  # the untouched module beside a modules_to_save copy
 SAVED_COPY = "modules_to_save"

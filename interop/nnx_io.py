@@ -7,9 +7,14 @@ Tensors are the same as the Linen path's (docs/DESIGN.md §5): a layer's kernel,
 rule as `(in, out)`, is the transpose of the torch weight, so blocks are stored as they are and biases
 flattened over the rule's `out` axes.
 
+`modules_to_save` copies are stored as PEFT stores them, whole, under their torch parameter names
+(`base_model.model.lm_head.weight`): a module's torch path comes from the map, a variable's torch name from
+its layer rule (kernel -> `weight`, in torch's `(out, in)` layout; bias -> `bias`) or else from the map's
+`leaves` (`scale` -> `weight`, `embedding` -> `weight`, ...; same shape on both sides). The folder's
+`modules_to_save` names torch modules; in the NNX model's config they are the NNX keys.
+
 Ready maps for tunix's LLMs: `TUNIX_QWEN3`, `TUNIX_LLAMA3` (`tunix_rules()` registers the layer rule of
-their `Einsum` attention projections). `modules_to_save` copies are not written to (or read from) NNX
-PEFT folders yet: saving an adapter with them raises.
+their `Einsum` attention projections); they map the projections, `lm_head`, the embedding and the norms.
 
 >>> TUNIX_QWEN3.torch_name("layers.3.attn.q_proj")
 'model.layers.3.self_attn.q_proj'
@@ -18,16 +23,20 @@ PEFT folders yet: saving an adapter with them raises.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from miss_jax import MissConfig, ops
-from miss_jax.layer_rules import einsum_rule, register
-from miss_jax.nnx import MissNnxModel, bias_leaf, discover, get_peft_model, miss_layers
+from miss_jax.layer_rules import KernelRule, einsum_rule, has_rule, register, rule_for
+from miss_jax.nnx import (
+    GraphPath, MissNnxModel, ModulesToSave, bias_leaf, discover, get_peft_model, miss_layers, saved_modules,
+)
 from miss_jax.targeting import Layer, select
 
 from . import folder_write
@@ -38,11 +47,20 @@ PREFIX = "base_model.model."
 BLOCK = "miss_block"
 
 
+LEAVES = (("kernel", "weight"), ("w", "weight"), ("scale", "weight"), ("embedding", "weight"),
+          ("input_embedding", "weight"), ("bias", "bias"))
+
+
 @dataclasses.dataclass(frozen=True)
 class NameMap:
-    """NNX layer key <-> torch module path: `(pattern, replacement)` regex pairs, the first full match wins."""
+    """NNX module key <-> torch module path: `(pattern, replacement)` regex pairs, the first full match wins.
+
+    `leaves` names the torch parameter of an NNX variable (`(nnx name, torch name)` pairs) in saved module
+    copies, for variables that are not a layer rule's kernel or bias.
+    """
 
     rules: tuple[tuple[str, str], ...]
+    leaves: tuple[tuple[str, str], ...] = LEAVES
 
     def torch_name(self, key: str) -> Optional[str]:
         """The torch module path of NNX key `key`, or None if no rule matches."""
@@ -57,6 +75,10 @@ _TUNIX_LLM = (
     (r"layers\.(\d+)\.attn\.(q|k|v|o)_proj", r"model.layers.\1.self_attn.\2_proj"),
     (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"model.layers.\1.mlp.\2_proj"),
     (r"lm_head", "lm_head"),
+    (r"embedder", "model.embed_tokens"),
+    (r"final_norm", "model.norm"),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)", r"model.layers.\1.\2"),
+    (r"layers\.(\d+)\.attn\.(q|k)_norm", r"model.layers.\1.self_attn.\2_norm"),
 )
 TUNIX_QWEN3 = NameMap(_TUNIX_LLM)  # tunix.models.qwen3 <-> transformers' Qwen3ForCausalLM
 TUNIX_LLAMA3 = NameMap(_TUNIX_LLM)  # tunix.models.llama3 <-> transformers' LlamaForCausalLM
@@ -91,6 +113,87 @@ def torch_names(model: nnx.Module, keys: Sequence[str], name_map: NameMap) -> di
     return names
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedTensor:
+    """One variable of a `modules_to_save` module and its PEFT tensor.
+
+    `path`: the variable's graph path below the module; `name`: its torch parameter name (the PEFT key
+    without `base_model.model.`). `rule`: set for a layer rule's kernel, stored as the torch weight
+    `rule.to_matrix(kernel).T` `(out, in)`; `flat`: a layer rule's bias, stored flattened `(out,)`; else the
+    value is stored as it is.
+    """
+
+    name: str
+    path: GraphPath
+    rule: Optional[KernelRule] = None
+    flat: bool = False
+
+    def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The torch tensor's shape for a variable of `shape`."""
+        if self.rule is not None:
+            n_in, n_out = self.rule.sizes(shape)
+            return (n_out, n_in)
+        return (math.prod(shape),) if self.flat else tuple(shape)
+
+    def to_torch(self, value: jax.Array) -> jax.Array:
+        """The variable's value in torch's layout (`torch_shape(value.shape)`)."""
+        if self.rule is not None:
+            return self.rule.to_matrix(value).T
+        return value.reshape(-1) if self.flat else value
+
+    def from_torch(self, tensor: Any, shape: tuple[int, ...]) -> jax.Array:
+        """A torch-layout tensor (`torch_shape(shape)`) as the variable's value of `shape`."""
+        if self.rule is not None:
+            return self.rule.from_matrix(jnp.asarray(tensor).T, shape)
+        return jnp.asarray(tensor).reshape(shape)
+
+
+def saved_tensors(module: nnx.Module, key: str, name_map: NameMap) -> list[SavedTensor]:
+    """The PEFT tensors of `module` (at NNX key `key`) saved whole as a `modules_to_save` copy, one per
+    `nnx.Param`; ValueError naming the module or variable the map has no torch name for."""
+    nodes = dict(nnx.iter_graph(module))
+    leaves = dict(name_map.leaves)
+    found: dict[str, SavedTensor] = {}
+    for path, variable in nodes.items():
+        if not isinstance(variable, nnx.Param):
+            continue
+        owner, leaf = nodes[path[:-1]], str(path[-1])
+        owner_key = ".".join([key, *map(str, path[:-1])])
+        torch_module = name_map.torch_name(owner_key)
+        if torch_module is None:
+            raise ValueError(
+                f"The name map gives no torch module path for {owner_key} (saved whole with modules_to_save): add a "
+                "(pattern, replacement) pair for it to the NameMap."
+            )
+        rule = rule_for(owner, owner_key) if has_rule(owner) else None
+        if rule is not None and leaf == rule.kernel:
+            tensor = SavedTensor(f"{torch_module}.weight", path, rule=rule)
+        elif rule is not None and leaf == rule.bias:
+            tensor = SavedTensor(f"{torch_module}.bias", path, flat=True)
+        elif leaf in leaves:
+            tensor = SavedTensor(f"{torch_module}.{leaves[leaf]}", path)
+        else:
+            raise ValueError(
+                f"The name map has no torch parameter name for {owner_key}.{leaf} (saved whole with modules_to_save): "
+                f"add ({leaf!r}, '<torch name>') to the NameMap's leaves."
+            )
+        if tensor.name in found:
+            raise ValueError(f"The name map sends two variables of {key} to {tensor.name!r}. Fix the NameMap.")
+        found[tensor.name] = tensor
+    return list(found.values())
+
+
+def _torch_saved(config: MissConfig, model: nnx.Module, saved: Sequence[str], name_map: NameMap) -> Any:
+    """`modules_to_save` for the torch twin: the config's own names if PEFT's rule (a module path ending with
+    a name) picks the same modules among the mapped ones, else the saved modules' torch paths."""
+    mapped = [n for k in discover(model) for n in [name_map.torch_name(k)] if n is not None]
+    wanted = sorted(torch_names(model, saved, name_map).values())
+    names = config.modules_to_save or ()
+    picked = [n for n in mapped if any(n.endswith(m) for m in names)]
+    outer = sorted(n for n in picked if not any(n.startswith(p + ".") for p in picked))
+    return config.modules_to_save if outer == wanted else tuple(wanted)
+
+
 def _torch_targets(config: MissConfig, model: nnx.Module, layer_keys: Sequence[str], name_map: NameMap) -> Any:
     """`target_modules` for the torch twin: the config's own if it selects the same layers there, else the
     list of their torch paths."""
@@ -109,13 +212,8 @@ def adapter_files(peft_model: MissNnxModel, adapter_name: str, name_map: NameMap
                   dtype: Any = jnp.float32) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(adapter_config.json object, tensors by PEFT key)` of one adapter."""
     state = peft_model.adapters[adapter_name]
-    if state.saved:
-        raise ValueError(
-            f"Adapter {adapter_name!r} has modules_to_save {list(state.saved)}, which NNX PEFT folders do not "
-            "hold yet: save their weights with your model's own checkpointing, or drop modules_to_save."
-        )
     model = peft_model.base_model
-    names = torch_names(model, state.layers + state.biases, name_map)
+    names = torch_names(model, state.layers + state.biases + state.saved, name_map)
     layers = miss_layers(model)
     modules = dict(nnx.iter_graph(model))
     tensors = {f"{PREFIX}{names[k]}.{BLOCK}": layers[k].miss_block[adapter_name].get_value() for k in state.layers}
@@ -128,9 +226,16 @@ def adapter_files(peft_model: MissNnxModel, adapter_name: str, name_map: NameMap
             value = getattr(value, part)
         inner = ".base_layer" if leaf[0] == "base_layer" else ""
         tensors[f"{PREFIX}{names[key]}{inner}.bias"] = value.get_value().reshape(-1)
+    wrappers = saved_modules(model)
+    for key in state.saved:
+        copy = wrappers[key].modules_to_save[adapter_name]
+        variables = dict(nnx.iter_graph(copy))
+        for tensor in saved_tensors(copy, key, name_map):
+            tensors[PREFIX + tensor.name] = tensor.to_torch(variables[tensor.path].get_value())
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
-    config = dataclasses.replace(state.config, target_modules=_torch_targets(state.config, model, state.layers, name_map))
+    config = dataclasses.replace(state.config, target_modules=_torch_targets(state.config, model, state.layers, name_map),
+                                 modules_to_save=_torch_saved(state.config, model, state.saved, name_map))
     d = config.to_dict()
     d["inference_mode"] = True
     return d, tensors
@@ -156,10 +261,51 @@ def _read(folder: str, is_trainable: bool) -> tuple[MissConfig, dict[str, Any]]:
     return dataclasses.replace(config, inference_mode=not is_trainable), tensors
 
 
+SavedCopy = list[tuple[SavedTensor, Any]]  # a modules_to_save copy's tensors: (where it goes, its torch tensor)
+
+
+def _plan_saved(model: nnx.Module, config: MissConfig, tensors: dict[str, Any], name_map: NameMap,
+                folder: str) -> dict[str, SavedCopy]:
+    """The `modules_to_save` copies of a folder, `{nnx key: tensors}`, found as PEFT finds them (a mapped
+    module whose torch path ends with a name of the folder's `modules_to_save`); their tensors are popped
+    from `tensors`. ValueError naming the module for a tensor missing from the folder or of a wrong shape."""
+    names = config.modules_to_save or ()
+    torch = {k: n for k in discover(model) for n in [name_map.torch_name(k)] if n is not None}
+    picked = [k for k, n in torch.items() if any(n.endswith(m) for m in names)]
+    picked = [k for k in picked if not any(k.startswith(p + ".") for p in picked)]
+    nodes = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+    copies: dict[str, SavedCopy] = {}
+    for key in picked:
+        node = nodes[key]
+        module = node.original_module if isinstance(node, ModulesToSave) else node
+        variables = dict(nnx.iter_graph(module))
+        copy: SavedCopy = []
+        for tensor in saved_tensors(module, key, name_map):
+            name = PREFIX + tensor.name
+            want = tensor.torch_shape(variables[tensor.path].shape)
+            if name not in tensors:
+                raise ValueError(
+                    f"{folder}: modules_to_save {list(names)} covers {key} (torch {torch[key]}), but the folder has "
+                    f"no {name}. Check the name map (and its leaves) and that the folder was saved from this "
+                    "architecture."
+                )
+            if tuple(tensors[name].shape) != want:
+                raise ValueError(
+                    f"{folder}: {name} (modules_to_save copy of {key}) is {tuple(tensors[name].shape)}, but {key} "
+                    f"needs {want}. Check the name map and that the folder was trained on this architecture and size."
+                )
+            copy.append((tensor, tensors.pop(name)))
+        copies[key] = copy
+    return copies
+
+
 def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], name_map: NameMap,
-          folder: str) -> tuple[list[Layer], dict[str, Any]]:
-    """The layers a folder's tensors adapt, `{nnx key: block}`, and its biases `{nnx key: bias}`; ValueError
-    naming the module for a tensor no layer maps to or a block whose shape does not fit its layer."""
+          folder: str) -> tuple[MissConfig, list[Layer], dict[str, Any], dict[str, Any], dict[str, SavedCopy]]:
+    """What a folder's tensors hold for `model`: its config for the NNX model (`modules_to_save` as NNX
+    keys), the layers it adapts, their blocks `{nnx key: block}`, its biases `{nnx key: bias}` and its module copies `{nnx key: tensors}`;
+    ValueError naming the module for a tensor no layer maps to or a tensor whose shape does not fit."""
+    tensors = dict(tensors)
+    copies = _plan_saved(model, config, tensors, name_map, folder)
     layers = {k: layer for k, layer in discover(model).items() if layer.is_linear}
     by_torch: dict[str, str] = {}
     for k in layers:
@@ -199,17 +345,19 @@ def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], nam
                 f"{tuple(want)} for a {config.variant} adapter with r={config.r}. Check the name map and that the "
                 "folder was trained on this architecture and size."
             )
-    return [layers[k] for k in blocks], biases
+    check_bias_shapes(model, biases, folder)
+    config = dataclasses.replace(config, modules_to_save=tuple(copies) or None)
+    return config, [layers[k] for k in blocks], {k: blocks[k] for k in blocks}, biases, copies
 
 
-def _fill(peft_model: MissNnxModel, adapter_name: str, layers: Sequence[Layer], blocks: Sequence[Any],
-          biases: Mapping[str, Any]) -> None:
-    """Writes a loaded adapter's `blocks` (one per layer of `layers`) and `biases` into the model."""
+def _fill(peft_model: MissNnxModel, adapter_name: str, blocks: Mapping[str, Any], biases: Mapping[str, Any],
+          copies: Mapping[str, SavedCopy]) -> None:
+    """Writes a loaded adapter's `blocks` `{layer key: block}`, `biases` and module `copies` into the model."""
     model = peft_model.base_model
     adapted = miss_layers(model)
     by_key = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
-    for layer, value in zip(layers, blocks):
-        variable = adapted[layer.key].miss_block[adapter_name]
+    for key, value in blocks.items():
+        variable = adapted[key].miss_block[adapter_name]
         variable.set_value(jnp.asarray(value, variable.get_value().dtype))
     for key, value in biases.items():
         node = by_key[key]
@@ -217,6 +365,12 @@ def _fill(peft_model: MissNnxModel, adapter_name: str, layers: Sequence[Layer], 
         for part in bias_leaf(node, key) or ():
             variable = getattr(variable, part)
         variable.set_value(jnp.asarray(value, variable.get_value().dtype).reshape(variable.shape))
+    wrappers = saved_modules(model)
+    for key, copy in copies.items():
+        variables = dict(nnx.iter_graph(wrappers[key].modules_to_save[adapter_name]))
+        for tensor, value in copy:
+            variable = variables[tensor.path]
+            variable.set_value(tensor.from_torch(value, variable.shape).astype(variable.get_value().dtype))
 
 
 def check_bias_shapes(model: nnx.Module, biases: Mapping[str, Any], folder: str) -> None:
@@ -237,21 +391,18 @@ def load_adapter(peft_model: MissNnxModel, model_id: str, adapter_name: str, nam
     """Loads the PEFT folder `model_id` as adapter `adapter_name` (not activated, as in PEFT). ValueError,
     leaving the model unchanged, for anything that does not fit."""
     config, tensors = _read(model_id, is_trainable)
-    layers, biases = _plan(peft_model.base_model, config, tensors, name_map, model_id)
-    check_bias_shapes(peft_model.base_model, biases, model_id)
+    config, layers, blocks, biases, copies = _plan(peft_model.base_model, config, tensors, name_map, model_id)
     peft_model.add_adapter(adapter_name, config, layers=layers)
-    blocks = [tensors[f"{PREFIX}{name_map.torch_name(layer.key)}.{BLOCK}"] for layer in layers]
-    _fill(peft_model, adapter_name, layers, blocks, biases)
+    _fill(peft_model, adapter_name, blocks, biases, copies)
 
 
 def from_pretrained(model: nnx.Module, model_id: str, name_map: NameMap, adapter_name: str = "default",
                     is_trainable: bool = False, rngs: Optional[nnx.Rngs] = None) -> MissNnxModel:
     """A `MissNnxModel` around `model` with the adapter of PEFT folder `model_id`, active (`model` is
-    adapted in place; on error it is left unchanged)."""
+    adapted in place; on error it is left unchanged). `modules_to_save` copies come back as
+    `ModulesToSave` wrappers holding the folder's weights."""
     config, tensors = _read(model_id, is_trainable)
-    layers, biases = _plan(model, config, tensors, name_map, model_id)
-    check_bias_shapes(model, biases, model_id)
+    config, layers, blocks, biases, copies = _plan(model, config, tensors, name_map, model_id)
     peft_model = get_peft_model(model, config, adapter_name, rngs, layers=layers)
-    blocks = [tensors[f"{PREFIX}{name_map.torch_name(layer.key)}.{BLOCK}"] for layer in layers]
-    _fill(peft_model, adapter_name, layers, blocks, biases)
+    _fill(peft_model, adapter_name, blocks, biases, copies)
     return peft_model

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from miss_jax import MissConfig, MissModel
+from miss_jax import MissConfig, MissModel, tree
 from miss_jax.config import PEFT_TYPE, PEFT_VERSION
 
 from . import folder_write
@@ -171,9 +171,12 @@ def save_pretrained(
 
         check_rank(lora_rank)
     model.require_weights(selected)
-    # bat's LoRA export reads the base kernels too; everything else only the adapter pytree
-    params = model.params if as_lora else {}
-    adapter_params, params = host_trees([model.adapter_params, params])
+    # the LoRA export of a bat adapter reads its layers' base kernels too; everything else only the adapter pytree
+    kernels = {} if not as_lora else {
+        layer.path + ("kernel",): tree.get(model.params, layer.path)["kernel"]
+        for n in selected if not model.plan.spec(n).variant.additive for layer in model.plan.spec(n).layers
+    }
+    adapter_params, params = host_trees([model.adapter_params, tree.unflatten(kernels)])
     if not is_main_process:
         return None
 
@@ -181,7 +184,8 @@ def save_pretrained(
     if as_lora:
         exported = {n: lora_state_dict(model, n, lora_rank, adapter_params=adapter_params, params=params)
                     for n in selected}
-        tensors = {n: e[0] for n, e in exported.items()}
+        tensors = {n: {k: v if dtype is None else jnp.asarray(v).astype(dtype) for k, v in e[0].items()}
+                   for n, e in exported.items()}
         configs = {n: e[1] for n, e in exported.items()}
         reports = {n: e[2] for n, e in exported.items()}
     else:

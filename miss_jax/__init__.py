@@ -10,18 +10,26 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   linen                                  -- the functional Linen transform (apply, overlay, merge)
   nnx                                    -- the NNX transform and PEFT's model for NNX (get_peft_model)
   layer_rules                            -- which NNX layers MiSS adapts, and their kernels' in/out axes
+  losses                                 -- losses for train steps (causal LM, classification, chunked)
+  attention, remat                       -- blockwise attention and gradient checkpointing (long sequences)
+  generation                             -- MissModel.generate
+  programs                               -- the jitted forward and merge, shared per model configuration
+  status                                 -- PEFT's layer / model status dataclasses
   train                                  -- optax train step, orbax checkpoints
   sharding                               -- mesh rules, sharded adapters, sharded train step
 """
 
-from . import adapters, config, layer_rules, linen, nnx, ops, sharding, targeting, train, tree
+from . import (
+    adapters, attention, config, generation, layer_rules, linen, losses, nnx, ops, programs, remat, sharding, status,
+    targeting, train, tree,
+)
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .model import MissModel, get_peft_model
 
 __all__ = [
-    "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "config", "get_peft_model", "layer_rules", "linen",
-    "nnx", "ops",
-    "sharding", "targeting", "train", "tree",
+    "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "generation", "get_peft_model",
+    "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "sharding", "status", "targeting", "train",
+    "tree",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ The adapter pytree (one definition, used by every module) is
 
 with module paths as nested dicts mirroring the base `params`. Blocks are shaped as
 `ops.variant(...).block_shape` says; `modules_to_save` copies and biases like the params they copy.
-Trained biases are shared by the adapters (one bias per layer, as in PEFT's model).
+Trained biases belong to the one adapter of a model that may train them (`bias != "none"`, as PEFT);
+deleting that adapter writes them into the base params, as PEFT keeps biases it trained in place.
 
 >>> tree = empty()
 >>> sorted(tree)

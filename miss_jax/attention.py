@@ -43,7 +43,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from transformers.models.gptj.modeling_flax_gptj import apply_rotary_pos_emb as gptj_rotary
 
 
 def blockwise_attention(
@@ -181,6 +180,9 @@ def _gptj_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tup
     q, k, v = (_heads(p(h), module.num_heads) for p in (module.q_proj, module.k_proj, module.v_proj))
     sincos = jnp.split(jnp.take(module.embed_positions, a["position_ids"], axis=0), 2, axis=-1)
     r = module.rotary_dim or q.shape[-1]
+    # only reached for a transformers GPT-J module, so transformers' Flax code is there
+    from transformers.models.gptj.modeling_flax_gptj import apply_rotary_pos_emb as gptj_rotary
+
     q = jnp.concatenate([gptj_rotary(q[..., :r], sincos), q[..., r:]], axis=-1)
     k = jnp.concatenate([gptj_rotary(k[..., :r], sincos), k[..., r:]], axis=-1)
     rate = module.config.attn_pdrop

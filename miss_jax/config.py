@@ -10,13 +10,14 @@ import dataclasses
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Union
+
+from . import ops
 
 PEFT_TYPE = "MISS"
 PEFT_VERSION = "0.21.2"  # the PEFT release whose file format and semantics miss-jax reproduces
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "MiSS_only")
-INIT_WEIGHTS = (True, False, "bat", "mini")
 TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -26,7 +27,7 @@ TASK_TYPES = (
     "FEATURE_EXTRACTION",
 )
 
-InitWeights = Union[bool, Literal["bat", "mini"]]
+InitWeights = Union[bool, str]  # True/False (balance), or another variant's name (`ops.VARIANTS`)
 Targets = Union[str, tuple[str, ...], None]
 
 
@@ -106,11 +107,7 @@ class MissConfig:
             raise ValueError(f"`mini_r` should be a positive integer value but the value passed is {self.mini_r!r}.")
         if not isinstance(self.miss_dropout, (int, float)) or not 0.0 <= self.miss_dropout < 1.0:
             raise ValueError(f"`miss_dropout` must be a float in [0, 1), got {self.miss_dropout!r}.")
-        if not any(self.init_weights is v or (isinstance(v, str) and self.init_weights == v) for v in INIT_WEIGHTS):
-            raise ValueError(
-                f"Unknown `init_weights` {self.init_weights!r}; allowed: True (balance), False (balance, random "
-                "init), 'bat' or 'mini'."
-            )
+        ops.variant_of(self.init_weights)  # raises for an unknown value
         if self.bias not in BIAS_MODES:
             raise ValueError(f"Unknown `bias` {self.bias!r}; allowed: {', '.join(map(repr, BIAS_MODES))}.")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
@@ -138,8 +135,8 @@ class MissConfig:
 
     @property
     def variant(self) -> str:
-        """'balance', 'mini' or 'bat'."""
-        return self.init_weights if isinstance(self.init_weights, str) else "balance"
+        """The name of the variant `init_weights` selects ('balance', 'mini' or 'bat')."""
+        return ops.variant_of(self.init_weights).name
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of PEFT's `adapter_config.json` for this config."""

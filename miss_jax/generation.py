@@ -18,18 +18,14 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import GenerationConfig
 
 from . import linen
 from .adapters import Plan
-
-if TYPE_CHECKING:
-    from .model import MissModel
 
 PyTree = Any
 Statics = tuple[tuple[str, Any], ...]
@@ -39,7 +35,7 @@ _PROGRAMS_KEPT = 32  # per base model; the oldest program is dropped first
 
 
 def generate(
-    peft_model: "MissModel",
+    peft_model: Any,
     input_ids: Any,
     attention_mask: Optional[Any] = None,
     *,
@@ -136,7 +132,8 @@ def _freeze(value: Any) -> Any:
     """A hashable stand-in: lists become tuples (recursively), a GenerationConfig a private copy."""
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
-    if isinstance(value, GenerationConfig):  # hashed and compared by value; copied so later edits cannot alias
+    if type(value).__name__ == "GenerationConfig":  # by value; copied so later edits cannot alias (no import:
+        # miss_jax imports without transformers, which only transformers' own models bring)
         return copy.deepcopy(value)
     return value
 
@@ -215,7 +212,7 @@ def _max_length(model: Any, prompt: int, kwargs: Mapping[str, Any]) -> int:
     config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
     if config.max_new_tokens is not None:  # `update` validated it (> 0)
         return prompt + config.max_new_tokens
-    default = GenerationConfig().max_length
+    default = type(config)().max_length  # transformers' default GenerationConfig
     if kwargs.get("max_length") is None or config.max_length != default:
         return config.max_length
     # an explicit max_length equal to the default (20) is widened by the prompt, as transformers does

@@ -21,15 +21,9 @@ import jax
 
 from . import adapters, ops, tree
 from .adapters import AdapterSpec, Plan
-from .targeting import Layer
 from .tree import Path
 
 PyTree = Any
-
-
-def effective_block(spec: AdapterSpec, layer: Layer, block: jax.Array) -> jax.Array:
-    """The `(r, out)` block an additive adapter adds through on `layer`."""
-    return spec.variant.effective_block(block, layer.out_features)
 
 
 # --------------------------------------------------------------------------- the forward
@@ -60,7 +54,7 @@ def additive_terms(plan: Plan, adapter_params: Mapping) -> dict[Path, list[tuple
         if not spec.variant.additive:
             continue
         for layer in spec.layers:
-            block = effective_block(spec, layer, adapters.block(adapter_params, name, layer))
+            block = spec.variant.effective_block(adapters.block(adapter_params, name, layer), layer.out_features)
             terms.setdefault(layer.path, []).append((spec, block))
     return terms
 
@@ -125,12 +119,10 @@ def apply(
 
 
 def merge_order(plan: Plan, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The order merging applies `names` in: kernel-transforming (bat) adapters first, then additive
-    ones, each as given. This is the order the unmerged forward composes them in (the overlay builds the
-    kernel, the interceptor adds to its output), so merged equals unmerged.
-    """
-    first = tuple(n for n in names if not plan.spec(n).variant.additive)
-    return first + tuple(n for n in names if n not in first)
+    """The order merging applies `names` in (`ops.composition_order`: bat first, then additive adapters).
+    The unmerged forward composes them in the same order (the overlay builds the kernel, the interceptor
+    adds to its output), so merged equals unmerged."""
+    return ops.composition_order({n: plan.spec(n).config.variant for n in names}, names)
 
 
 def merge(

@@ -1,8 +1,10 @@
-"""A causal-LM loss that never materialises the float32 `(B, T, vocab)` logits for the backward pass.
+"""Losses: `loss_fn(outputs, batch) -> scalar` for `miss_jax.train` (cross-entropy, classification, causal LM),
+the loss of `labels=` as transformers computes it, and a causal-LM loss that never materialises the
+float32 `(B, T, vocab)` logits for the backward pass.
 
 >>> # step = train.make_train_step(peft_model, tx, losses.ChunkedCausalLMLoss(chunk_size=1024))
 >>> # (by hand: with losses.lm_head_inputs(): outputs = forward(params, trainable, **inputs)
->>> #           loss = losses.chunked_causal_lm_loss(outputs, batch))   # = train.causal_lm_loss's value
+>>> #           loss = losses.chunked_causal_lm_loss(outputs, batch))   # = causal_lm_loss's value
 
 Within `lm_head_inputs()`, the output projection of a transformers Flax causal LM (the `nn.Dense`
 named `lm_head`: Llama, Mistral, Gemma, GPT-2, GPT-Neo, GPT-J, OPT, ...) does not run: it returns an
@@ -29,6 +31,87 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]  # (model outputs, batch) -> scalar
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Mean token/example cross-entropy: `logits` `(..., C)`, integer `labels` `(...)`, optional 0/1 `mask`."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if mask is None:
+        return losses.mean()
+    mask = mask.astype(jnp.float32)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def classification_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Cross-entropy of `outputs.logits` `(B, C)` against `batch["labels"]` `(B,)`."""
+    return cross_entropy(outputs.logits, batch["labels"])
+
+
+def causal_lm_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Next-token cross-entropy: `outputs.logits` `(B, T, V)` predicts `batch["labels"]` (default
+    `batch["input_ids"]`) shifted by one, masked by `batch["attention_mask"]` when present; label -100
+    is ignored, as in transformers."""
+    labels, mask = shifted_labels(batch)
+    return cross_entropy(outputs.logits[:, :-1], jnp.where(mask, labels, 0), mask)
+
+
+def labels_loss(model: Any, outputs: Any, labels: jax.Array) -> jax.Array:
+    """The loss transformers' PyTorch twin of the Flax `model` computes for `labels=` (what `MissModel.__call__`
+    returns as `outputs.loss`), from `outputs[0]` (the logits):
+
+    * causal LMs (`*ForCausalLM`, `*LMHeadModel`): next-token cross-entropy, label -100 ignored
+      (`causal_lm_loss` on `{"labels": labels}`; unlike a train batch, `attention_mask` does not mask it);
+    * `*ForSequenceClassification` / `*ForImageClassification`: by `config.problem_type` as transformers
+      picks it: regression (MSE, `num_labels == 1`), single-label (cross-entropy over integer `labels` `(B,)`,
+      -100 ignored) or multi-label (BCE with logits over float `labels` `(B, C)`).
+
+    Other heads raise ValueError naming the call that computes a loss of your choice.
+    """
+    name = type(model).__name__
+    logits = outputs[0]
+    labels = jnp.asarray(labels)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return _causal_lm_labels_loss(logits, labels)
+    if name.endswith(("ForSequenceClassification", "ForImageClassification")):
+        config = model.config
+        kind = config.problem_type or (
+            "regression" if config.num_labels == 1
+            else "single_label_classification" if jnp.issubdtype(labels.dtype, jnp.integer)
+            else "multi_label_classification"
+        )
+        return _CLASSIFICATION_LOSSES[kind](logits, labels)
+    raise ValueError(
+        f"labels= computes the loss of causal LMs and sequence/image classifiers as transformers does; {name} is "
+        "neither. Compute it from the outputs: `loss = my_loss(peft_model(**inputs), batch)`, or train with "
+        "miss_jax.train.make_train_step(peft_model, tx, my_loss), where my_loss(outputs, batch) -> scalar."
+    )
+
+
+@jax.jit
+def _causal_lm_labels_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return causal_lm_loss(LogitsOutput(logits), {"labels": labels})
+
+
+@flax.struct.dataclass
+class LogitsOutput:
+    """A model output holding `logits` only (what the loss functions read)."""
+
+    logits: jax.Array
+
+
+_CLASSIFICATION_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "regression": jax.jit(lambda logits, labels: jnp.mean(
+        (jnp.squeeze(logits.astype(jnp.float32)) - jnp.squeeze(labels.astype(jnp.float32))) ** 2)),
+    "single_label_classification": jax.jit(lambda logits, labels: cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), jnp.where(labels.reshape(-1) == IGNORE_INDEX, 0, labels.reshape(-1)),
+        labels.reshape(-1) != IGNORE_INDEX)),
+    "multi_label_classification": jax.jit(lambda logits, labels: optax.sigmoid_binary_cross_entropy(
+        logits.astype(jnp.float32), labels.astype(jnp.float32)).mean()),
+}
 
 
 @flax.struct.dataclass
@@ -94,7 +177,7 @@ def chunked_cross_entropy(
 
 def shifted_labels(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """`(labels, mask)`, both `(B, T-1)`: `batch["labels"]` (default `batch["input_ids"]`) shifted by one,
-    masked where the label is negative (-100) or `batch["attention_mask"]` is 0 (as `train.causal_lm_loss`)."""
+    masked where the label is negative (-100) or `batch["attention_mask"]` is 0."""
     labels = (batch["labels"] if "labels" in batch else batch["input_ids"])[:, 1:]
     mask = labels >= 0
     if "attention_mask" in batch:
@@ -104,7 +187,7 @@ def shifted_labels(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array
 
 def chunked_causal_lm_loss(outputs: Any, batch: Mapping[str, jax.Array], chunk_size: int = 1024) -> jax.Array:
     """Next-token cross-entropy from `outputs.logits`, an `LMHeadInputs` (a forward traced inside
-    `lm_head_inputs()`): equal to `train.causal_lm_loss` on the real logits, chunked over tokens.
+    `lm_head_inputs()`): equal to `causal_lm_loss` on the real logits, chunked over tokens.
 
     The hidden state at position `t` predicts the label at `t + 1`; the mean is over unmasked tokens.
     """
@@ -135,7 +218,7 @@ def check_plan(plan: Any, name: str = "lm_head") -> None:
             raise ValueError(
                 f"Adapter {adapter!r} ({spec.variant.name}) adapts {hit}, whose call the chunked causal-LM loss "
                 "skips. "
-                f"Use train.causal_lm_loss, or adapt {name!r} with init_weights='bat' or modules_to_save=[{name!r}]."
+                f"Use losses.causal_lm_loss, or adapt {name!r} with init_weights='bat' or modules_to_save=[{name!r}]."
             )
 
 
@@ -145,7 +228,7 @@ class ChunkedCausalLMLoss:
 
     It carries what the train step needs to know: `forward_context()` (the forward is traced inside
     `lm_head_inputs()`) and `check(plan)` (`check_plan`). Same value and gradients as
-    `train.causal_lm_loss`; at most one `(chunk_size, vocab)` float32 block of logits exists at a time.
+    `causal_lm_loss`; at most one `(chunk_size, vocab)` float32 block of logits exists at a time.
     """
 
     chunk_size: int = 1024

@@ -9,222 +9,32 @@ exactly as it was.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import functools
 import inspect
-import itertools
 import os
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx as flax_nnx
 from flax.core import unfreeze
 
-from . import adapters, attention, linen, remat, tree
+from . import adapters, generation, linen, losses, nnx, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
-from .targeting import Layer, discover, resolve_targets, select
+from .programs import ATTN_IMPLEMENTATIONS, ForwardOptions
+from .status import MISS_LAYER_TYPE, MODULES_TO_SAVE_TYPE, TunerLayerStatus, TunerModelStatus, platforms
+from .targeting import Layer, resolve_targets, select
 from .tree import Path
 
 PyTree = Any
-ModelKey = tuple
-
-# --------------------------------------------------------------------------- per-configuration caches
-
-_KEYS: "weakref.WeakKeyDictionary[Any, ModelKey]" = weakref.WeakKeyDictionary()
-_MODELS: "weakref.WeakValueDictionary[ModelKey, Any]" = weakref.WeakValueDictionary()
-_UNIQUE = itertools.count()
-_LAYERS: dict[ModelKey, dict[str, Layer]] = {}
-_LAYERS_KEPT = 16
-
-
-def model_key(model: Any) -> ModelKey:
-    """A hashable key equal for two transformers Flax models that compute the same function of their params:
-    class, module attributes (config, dtype, ...) and input shape. A model whose config has no JSON repr
-    (e.g. a NumPy scalar in it) gets a key of its own."""
-    if model not in _KEYS:
-        try:  # the module's repr holds its config as JSON, which a config with non-JSON values cannot give
-            key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
-        except (TypeError, ValueError):
-            key = (type(model), "instance", next(_UNIQUE))
-        _KEYS[model] = key
-    return _KEYS[model]
-
-
-def model_layers(model: Any) -> dict[str, Layer]:
-    """Every layer of a transformers Flax model, `{key: Layer}`, from its own init traced abstractly
-    (nothing is computed); cached per `model_key`, so adapting more models of one configuration traces once."""
-    key = model_key(model)
-    if key not in _LAYERS:
-        if len(_LAYERS) >= _LAYERS_KEPT:
-            _LAYERS.pop(next(iter(_LAYERS)))
-        _LAYERS[key] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
-    return dict(_LAYERS[key])
-
-
-def dropout_flags(input_names: Sequence[str], rng: jax.Array) -> dict[str, Any]:
-    """The keyword arguments that turn dropout on in a transformers Flax model's `__call__`: `train=True`
-    (most families) or `deterministic=False` (OPT), with `dropout_rng`."""
-    if "train" in input_names:
-        return {"train": True, "dropout_rng": rng}
-    if "deterministic" in input_names:
-        return {"deterministic": False, "dropout_rng": rng}
-    raise ValueError(f"This model's __call__ takes neither `train` nor `deterministic` ({list(input_names)}).")
-
-
-ATTN_IMPLEMENTATIONS = ("eager", "blockwise")  # transformers' own Flax attention; `miss_jax.attention`'s
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardOptions:
-    """How the forward runs (static, part of every compiled program's key); not what it computes.
-
-    `remat_policy`: per-layer gradient checkpointing with this `miss_jax.remat` policy (None: off).
-    `attention_block_size`: blockwise attention over query blocks of this size (`miss_jax.attention`;
-    None: the model's own attention).
-    """
-
-    remat_policy: Optional[str] = None
-    attention_block_size: Optional[int] = None
-
-    def context(self) -> contextlib.ExitStack:
-        """The interceptors to trace the forward in."""
-        stack = contextlib.ExitStack()
-        if self.remat_policy is not None:
-            stack.enter_context(remat.checkpointing(self.remat_policy))
-        if self.attention_block_size is not None:
-            stack.enter_context(attention.memory_efficient_attention(self.attention_block_size))
-        return stack
-
-
-_TRACES: "collections.Counter[Plan]" = collections.Counter()
-
-
-def run(
-    model: Any,
-    plan: Plan,
-    params: Mapping,
-    adapter_params: Mapping,
-    kwargs: Mapping[str, Any],
-    options: ForwardOptions = ForwardOptions(),
-) -> Any:
-    """The pure forward: `model(params=..., **kwargs)` with `plan`'s adapters applied (`linen.apply`), run
-    as `options` say."""
-    _TRACES[plan] += 1  # under jit this runs once per trace, not per call
-    _check_positions(model, kwargs)
-    deterministic = not kwargs.get("train", False) and kwargs.get("deterministic", True) is not False
-    call = lambda p: model(params=p, **kwargs)  # noqa: E731  (OPT's own `deterministic` stays in kwargs)
-    with options.context():
-        return linen.apply(plan, call, params, adapter_params, deterministic=deterministic)
-
-
-def max_positions(model: Any) -> Optional[int]:
-    """The longest sequence a transformers model's position embeddings cover (None: no limit, e.g. T5)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in ("t5", "mt5"):  # relative position buckets: any length
-        return None
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def _check_positions(model: Any, kwargs: Mapping[str, Any]) -> None:
-    ids = kwargs.get("input_ids")
-    limit = max_positions(model)
-    if ids is not None and limit and getattr(ids, "ndim", 0) == 2 and ids.shape[1] > limit:
-        raise ValueError(
-            f"Sequences of {ids.shape[1]} tokens exceed this {type(model).__name__}'s {limit} positions (its "
-            "position embeddings would be reused silently): cut or split the inputs, or build the model with a "
-            "larger max_position_embeddings."
-        )
-
-
-def trace_count(plan: Plan) -> int:
-    """How many times the forward of `plan` ran in Python: once per trace under `jit` (the model's own
-    forward, a train step), so a count that stops growing means nothing recompiles."""
-    return _TRACES[plan]
-
-
-def _forward(params: Mapping, adapter_params: Mapping, traced: dict, *, key: ModelKey, plan: Plan, statics: tuple,
-             options: ForwardOptions):
-    return run(_MODELS[key], plan, params, adapter_params, {**traced, **dict(statics)}, options)
-
-
-_FORWARD = jax.jit(_forward, static_argnames=("key", "plan", "statics", "options"))
-
-
-def _is_static(value: Any) -> bool:
-    """Python scalars and None are static arguments of the forward; arrays and pytrees of them are traced."""
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-@functools.lru_cache(maxsize=32)
-def _merge_fn(plan: Plan, names: tuple[str, ...], sign: int, paths: tuple[Path, ...], shardings: tuple) -> Callable:
-    """`linen.merge` of the kernels at `paths` (module paths), jitted for one (plan, names, sign): only the
-    merged kernels go through the program. A kernel sharded over a mesh (`shardings` entry not None)
-    keeps that sharding, so a sharded model is merged shard by shard, never gathered."""
-
-    def merged(kernels: list, adapter_params: Mapping) -> list:
-        params = tree.unflatten({path + ("kernel",): k for path, k in zip(paths, kernels)})
-        out = tree.flatten(linen.merge(plan, params, adapter_params, names, sign))
-        new = [out[path + ("kernel",)] for path in paths]
-        return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(new, shardings)]
-
-    return jax.jit(merged)
-
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
-
-
-def _platforms(leaves: PyTree) -> list[str]:
-    """The device platforms (`cpu`, `gpu`, `tpu`) holding the arrays of `leaves`, sorted."""
-    found = set()
-    for x in jax.tree_util.tree_leaves(leaves):
-        found |= {d.platform for d in x.devices()} if isinstance(x, jax.Array) else {"cpu"}
-    return sorted(found)
-
-
-MISS_LAYER_TYPE = "miss.MissLinear"  # PEFT's `module_type` of an adapted layer
-MODULES_TO_SAVE_TYPE = "ModulesToSaveWrapper"  # ... and of a `modules_to_save` module
-
-
-@dataclasses.dataclass
-class TunerLayerStatus:
-    """PEFT's `TunerLayerStatus` (same fields, same meaning): one adapted layer or `modules_to_save` module."""
-
-    name: str
-    module_type: str
-    enabled: bool
-    active_adapters: list[str]
-    merged_adapters: list[str]
-    requires_grad: dict[str, Union[bool, str]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: Optional[str]
-
-
-@dataclasses.dataclass
-class TunerModelStatus:
-    """PEFT's `TunerModelStatus` (same fields, same meaning): the adapters' state over the whole model."""
-
-    base_model_type: str
-    adapter_model_type: str
-    peft_types: dict[str, str]
-    trainable_params: int
-    total_params: int
-    num_adapter_layers: int
-    enabled: Union[bool, str]
-    active_adapters: Union[list[str], str]
-    merged_adapters: Union[list[str], str]
-    requires_grad: dict[str, Union[bool, str]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: Optional[str]
 
 
 class MissModel:
@@ -260,7 +70,7 @@ class MissModel:
         self.base_model = model
         self.params: dict = unfreeze(params)
         self.model_type: Optional[str] = getattr(getattr(model, "config", None), "model_type", None)
-        self.layers: dict[str, Layer] = model_layers(model)
+        self.layers: dict[str, Layer] = programs.model_layers(model)
         self.adapter_params: dict = adapters.empty()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -270,7 +80,6 @@ class MissModel:
         self._rng = jax.random.PRNGKey(seed)
         self.training = False  # `train()` / `eval()`: dropout in `__call__`
         self.forward_options = ForwardOptions()  # gradient checkpointing, attention implementation
-        self._key = model_key(model)
         self._signature = inspect.signature(model.__call__)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -329,7 +138,7 @@ class MissModel:
 
     def dropout_kwargs(self, rng: jax.Array) -> dict[str, Any]:
         """The call arguments that enable dropout with `rng` (`train=True`, or OPT's `deterministic=False`)."""
-        return dropout_flags(self.input_names, rng)
+        return programs.dropout_flags(self.input_names, rng)
 
     # ------------------------------------------------------------------ adapters
 
@@ -408,7 +217,8 @@ class MissModel:
                 self.merge_adapter(merged)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Deletes an adapter and its params (it must not be merged)."""
+        """Deletes an adapter and its params (it must not be merged). Biases it trained stay, written into the
+        base params, as PEFT (which trains biases in place) keeps them."""
         self._spec(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
@@ -416,6 +226,8 @@ class MissModel:
             del self._specs[adapter_name]
             self._frozen = self._frozen - {adapter_name}
             still = {p for s in self._specs.values() for p in s.bias_paths}
+            trained = {k: v for k, v in tree.flatten(self.adapter_params[adapters.BIAS]).items() if k[:-1] not in still}
+            self.params = tree.replace_leaves(self.params, trained)
             self.adapter_params = adapters.without_adapter(self.adapter_params, adapter_name, still)
             if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
                 remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self._specs)[:1]
@@ -481,7 +293,7 @@ class MissModel:
         kernels = [jnp.asarray(tree.get(params, path)["kernel"]) for path in paths]
         shardings = tuple(k.sharding if len(k.sharding.device_set) > 1 else None for k in kernels)
         blocks = {adapters.MISS: {n: self.adapter_params[adapters.MISS][n] for n in names}}
-        new = _merge_fn(plan, names, sign, paths, shardings)(kernels, blocks)
+        new = programs.merge_fn(plan, names, sign, paths, shardings)(kernels, blocks)
         return tree.replace_leaves(params, {path + ("kernel",): k for path, k in zip(paths, new)})
 
     def merge_and_unload(
@@ -529,6 +341,7 @@ class MissModel:
         """The pytree a train step differentiates: active unmerged blocks, the saved module copies, biases."""
         if self.merged_adapters:
             raise ValueError("Adapters are merged; call unmerge_adapter() before training.")
+        self.require_weights(self.plan.applied)
         frozen = self._frozen_active()
         if frozen:
             raise ValueError(
@@ -581,8 +394,15 @@ class MissModel:
         self.params, self.adapter_params = dict(params), dict(adapter_params)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all): all counts the base params plus every adapter's params and module copies."""
-        trainable = self.trainable_params() if not (self.merged_adapters or self._frozen_active()) else {}
+        """(trainable, all): all counts the base params plus every adapter's params and module copies.
+
+        Trainable: the active adapters' blocks and module copies and the trained biases, merged or not (as
+        PEFT counts `requires_grad` parameters); 0 while an active adapter is frozen."""
+        active = tuple(self.active_adapters)
+        saved = tuple(a for a in active if self._specs[a].saved_modules)
+        every_active = Plan(tuple(self._specs.values()), active, saved)
+        frozen = any(a in self._frozen for a in active)
+        trainable = {} if frozen else adapters.trainable(self.adapter_params, every_active)
         every = {k: v for k, v in self.adapter_params.items() if k != adapters.BIAS}
         return tree.count(trainable), tree.count(self.params) + tree.count(every)
 
@@ -613,7 +433,7 @@ class MissModel:
         model, options = self.base_model, self.forward_options
 
         def f(params: Mapping, adapter_params: Mapping, *args: Any, **kwargs: Any) -> Any:
-            return run(model, plan, params, adapter_params, self._bind(args, kwargs), options)
+            return programs.run(model, plan, params, adapter_params, self._bind(args, kwargs), options)
 
         return f
 
@@ -635,7 +455,7 @@ class MissModel:
         In `train()` mode dropout is on (the wrapped model's `train=True` / OPT's `deterministic=False`)
         with `dropout_rng=` if given, else a key split from the model's own stream; an explicit `train=` /
         `deterministic=` wins. `labels` (as in transformers' PyTorch models) adds `outputs.loss`: see
-        `miss_jax.train.labels_loss` for the heads it covers.
+        `miss_jax.losses.labels_loss` for the heads it covers.
         """
         plan = self.plan
         self.require_weights(plan.applied)
@@ -648,23 +468,17 @@ class MissModel:
             if rng is None:
                 self._rng, rng = jax.random.split(self._rng)
             kwargs.update(self.dropout_kwargs(rng))
-        statics = tuple(sorted((k, v) for k, v in kwargs.items() if _is_static(v)))
-        traced = {k: v for k, v in kwargs.items() if not _is_static(v)}
-        _MODELS[self._key] = self.base_model
-        outputs = _FORWARD(
+        outputs = programs.forward(
+            self.base_model,
+            plan,
             self.params if params is None else params,
             self.adapter_params if adapter_params is None else adapter_params,
-            traced,
-            key=self._key,
-            plan=plan,
-            statics=statics,
-            options=self.forward_options,
+            kwargs,
+            self.forward_options,
         )
         if labels is None:
             return outputs
-        from .train import labels_loss
-
-        loss = labels_loss(self.base_model, outputs, labels)
+        loss = losses.labels_loss(self.base_model, outputs, labels)
         if isinstance(outputs, tuple):  # return_dict=False: the loss comes first, as in transformers
             return (loss,) + outputs
         outputs["loss"] = loss
@@ -869,7 +683,7 @@ class MissModel:
             merged_adapters=merged,
             requires_grad={n: self.requires_grad(n) for n in names},
             available_adapters=sorted(names),
-            devices={n: _platforms(leaves[n]) for n in names},
+            devices={n: platforms(leaves[n]) for n in names},
             quantization_backend=None,
         )
 
@@ -902,9 +716,7 @@ class MissModel:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generates with the active adapters (see `miss_jax.generation.generate`)."""
-        from .generation import generate
-
-        return generate(self, *args, **kwargs)
+        return generation.generate(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ PEFT folders (interop)
 
@@ -990,6 +802,14 @@ def get_peft_model(
     params: Optional[Mapping] = None,
     low_cpu_mem_usage: bool = False,
     seed: int = 0,
-) -> MissModel:
-    """PEFT's entry point: wraps a transformers Flax model with a MiSS adapter (see `MissModel` for the args)."""
+) -> Union[MissModel, "nnx.MissNnxModel"]:
+    """PEFT's entry point: wraps a transformers Flax model with a MiSS adapter (see `MissModel` for the args),
+    or adapts a Flax NNX model in place (`miss_jax.nnx.get_peft_model`, seeded with `nnx.Rngs(seed)`)."""
+    if isinstance(model, flax_nnx.Module):
+        if params is not None or low_cpu_mem_usage:
+            raise ValueError(
+                "An NNX model holds its own weights: `params=` and `low_cpu_mem_usage=` are for transformers' Flax "
+                "models. Call get_peft_model(nnx_model, config, adapter_name)."
+            )
+        return nnx.get_peft_model(model, peft_config, adapter_name, rngs=flax_nnx.Rngs(seed))
     return MissModel(model, peft_config, adapter_name, params=params, low_cpu_mem_usage=low_cpu_mem_usage, seed=seed)

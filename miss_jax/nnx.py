@@ -77,13 +77,6 @@ class MissParam(nnx.Param):
     """The variable type of MiSS blocks: filter on it to train adapters only (`wrt=MissParam`)."""
 
 
-def composition_order(variants: dict[str, str], names: Sequence[str]) -> tuple[str, ...]:
-    """The order adapters `names` apply (and merge) in: kernel-transforming ones first, then additive ones,
-    each as given (docs/DESIGN.md §1; the Linen path's `linen.merge_order`)."""
-    first = tuple(n for n in names if not ops.variant(variants[n]).additive)
-    return first + tuple(n for n in names if n not in first)
-
-
 def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant, block: jax.Array) -> MissParam:
     """`block` as a `MissParam` sharded like `kernel`'s `out` axis (the block axis `variant.out_axis` names).
 
@@ -220,7 +213,7 @@ class MissLinear(nnx.Module):
         """The adapters the forward applies, in composition order."""
         if self.disabled:
             return ()
-        return composition_order(self.variants, [a for a in self.active_adapters if a not in self.merged_adapters])
+        return ops.composition_order(self.variants, [a for a in self.active_adapters if a not in self.merged_adapters])
 
     def adapted_kernel(self, names: Sequence[str]) -> jax.Array:
         """The kernel with adapters `names` merged in, in that order (the kernel variable left unchanged)."""
@@ -266,14 +259,14 @@ class MissLinear(nnx.Module):
             problem = ops.variant(self.variants[name]).unmerge_problem(block)
             if problem:
                 return f"adapter {name!r}: {problem}"
-        order = composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        order = ops.composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
         return None if ops.is_finite(self.adapted_kernel(order)) else "the merged kernel holds NaN or inf"
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Writes adapters (default: the active ones) into the kernel, in composition order; the forward then
         skips them. `safe_merge` checks `merge_problem` first (eager only, not under `nnx.jit`)."""
         names = self.active_adapters if adapter_names is None else tuple(n for n in adapter_names if n in self.variants)
-        order = composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        order = ops.composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
         if not order:
             return
         if safe_merge:

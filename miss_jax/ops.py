@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Literal, Optional
 
 import jax
@@ -356,6 +357,29 @@ class Bat(Variant):
 VARIANTS: dict[str, Variant] = {
     v.name: v for v in (Balance("balance", True), Mini("mini", "mini"), Bat("bat", "bat", additive=False))
 }
+
+
+def variant_of(init_weights: object) -> Variant:
+    """The variant PEFT's `init_weights` value selects: True / False (random init) -> balance, or the
+    `Variant.init_weights` string of another variant; ValueError listing the allowed values otherwise."""
+    if init_weights is True or init_weights is False:
+        return VARIANTS["balance"]
+    for v in VARIANTS.values():
+        if isinstance(init_weights, str) and v.init_weights == init_weights:
+            return v
+    allowed = ["True", "False"] + [repr(v.init_weights) for v in VARIANTS.values() if isinstance(v.init_weights, str)]
+    raise ValueError(f"Unknown `init_weights` {init_weights!r}; allowed: {', '.join(allowed)}.")
+
+
+def composition_order(variants: Mapping[str, str], names: Sequence[str]) -> tuple[str, ...]:
+    """The order several adapters on one layer apply (and merge) in: kernel-transforming variants first, then
+    additive ones, each group as given (`variants` maps each name to its variant's name; docs/DESIGN.md §1).
+
+    >>> composition_order({"a": "balance", "b": "bat", "c": "mini"}, ["a", "b", "c"])
+    ('b', 'a', 'c')
+    """
+    first = tuple(n for n in names if not variant(variants[n]).additive)
+    return first + tuple(n for n in names if n not in first)
 
 
 def variant(name: str) -> Variant:

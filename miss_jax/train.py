@@ -24,13 +24,20 @@ import jax.numpy as jnp
 import optax
 
 from . import tree
+from .losses import LossFn, causal_lm_loss, classification_loss, cross_entropy
 
 if TYPE_CHECKING:
     from .adapters import Plan
     from .model import MissModel
 
 PyTree = Any
-LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+
+__all__ = [  # the losses live in `miss_jax.losses`; train steps take them from here too
+    "CHECKPOINT_FORMAT", "LossFn", "TrainState", "causal_lm_loss", "check_accum_steps", "checkpoint_metadata",
+    "classification_loss", "create_train_state", "cross_entropy", "init_train_state", "latest_step",
+    "make_eval_step", "make_loss_fn", "make_train_step", "micro_batches", "model_inputs", "model_step",
+    "read_checkpoint", "read_checkpoint_metadata", "restore_checkpoint", "save_checkpoint", "train_step_fn",
+]
 
 
 @flax.struct.dataclass
@@ -54,89 +61,6 @@ def create_train_state(peft_model: "MissModel", tx: optax.GradientTransformation
 def init_train_state(tx: optax.GradientTransformation, trainable: PyTree) -> TrainState:
     """A step-0 `TrainState` over `trainable` as given (pure: jit it with `out_shardings` to create it sharded)."""
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
-    """Mean token/example cross-entropy: `logits` `(..., C)`, integer `labels` `(...)`, optional 0/1 `mask`."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    if mask is None:
-        return losses.mean()
-    mask = mask.astype(jnp.float32)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
-def classification_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Cross-entropy of `outputs.logits` `(B, C)` against `batch["labels"]` `(B,)`."""
-    return cross_entropy(outputs.logits, batch["labels"])
-
-
-def causal_lm_loss(outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Next-token cross-entropy: `outputs.logits` `(B, T, V)` predicts `batch["labels"]` (default
-    `batch["input_ids"]`) shifted by one, masked by `batch["attention_mask"]` when present; label -100
-    is ignored, as in transformers."""
-    labels = (batch["labels"] if "labels" in batch else batch["input_ids"])[:, 1:]
-    mask = labels >= 0
-    if "attention_mask" in batch:
-        mask = mask & (batch["attention_mask"][:, 1:] > 0)
-    return cross_entropy(outputs.logits[:, :-1], jnp.where(mask, labels, 0), mask)
-
-
-IGNORE_INDEX = -100  # transformers' label for "no loss here"
-
-
-def labels_loss(model: Any, outputs: Any, labels: jax.Array) -> jax.Array:
-    """The loss transformers' PyTorch twin of the Flax `model` computes for `labels=` (what `MissModel.__call__`
-    returns as `outputs.loss`), from `outputs[0]` (the logits):
-
-    * causal LMs (`*ForCausalLM`, `*LMHeadModel`): next-token cross-entropy, label -100 ignored
-      (`causal_lm_loss` on `{"labels": labels}`; unlike a train batch, `attention_mask` does not mask it);
-    * `*ForSequenceClassification` / `*ForImageClassification`: by `config.problem_type` as transformers
-      picks it: regression (MSE, `num_labels == 1`), single-label (cross-entropy over integer `labels` `(B,)`,
-      -100 ignored) or multi-label (BCE with logits over float `labels` `(B, C)`).
-
-    Other heads raise ValueError naming the call that computes a loss of your choice.
-    """
-    name = type(model).__name__
-    logits = outputs[0]
-    labels = jnp.asarray(labels)
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return _causal_lm_labels_loss(logits, labels)
-    if name.endswith(("ForSequenceClassification", "ForImageClassification")):
-        config = model.config
-        kind = config.problem_type or (
-            "regression" if config.num_labels == 1
-            else "single_label_classification" if jnp.issubdtype(labels.dtype, jnp.integer)
-            else "multi_label_classification"
-        )
-        return _CLASSIFICATION_LOSSES[kind](logits, labels)
-    raise ValueError(
-        f"labels= computes the loss of causal LMs and sequence/image classifiers as transformers does; {name} is "
-        "neither. Compute it from the outputs: `loss = my_loss(peft_model(**inputs), batch)`, or train with "
-        "miss_jax.train.make_train_step(peft_model, tx, my_loss), where my_loss(outputs, batch) -> scalar."
-    )
-
-
-@jax.jit
-def _causal_lm_labels_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return causal_lm_loss(LogitsOutput(logits), {"labels": labels})
-
-
-@flax.struct.dataclass
-class LogitsOutput:
-    """A model output holding `logits` only (what the loss functions read)."""
-
-    logits: jax.Array
-
-
-_CLASSIFICATION_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "regression": jax.jit(lambda logits, labels: jnp.mean(
-        (jnp.squeeze(logits.astype(jnp.float32)) - jnp.squeeze(labels.astype(jnp.float32))) ** 2)),
-    "single_label_classification": jax.jit(lambda logits, labels: cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), jnp.where(labels.reshape(-1) == IGNORE_INDEX, 0, labels.reshape(-1)),
-        labels.reshape(-1) != IGNORE_INDEX)),
-    "multi_label_classification": jax.jit(lambda logits, labels: optax.sigmoid_binary_cross_entropy(
-        logits.astype(jnp.float32), labels.astype(jnp.float32)).mean()),
-}
 
 
 def model_inputs(peft_model: "MissModel", batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,6 +200,9 @@ def model_step(
     inputs of the next call, are replaced at once). `.lower` is kept."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        gone = [n for n in names if n not in peft_model.peft_config]
+        if gone:  # checked before the call: a write-back refused after it would leave the donated state lost
+            raise ValueError(f"Adapters {gone} were deleted after this step was built; build a new step.")
         merged = [n for n in names if n in peft_model.merged_adapters]
         if merged:
             raise ValueError(

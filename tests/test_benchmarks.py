@@ -59,8 +59,18 @@ def _check_measure(entry: dict[str, float], where: str, repeated: bool = True) -
 def test_every_case_is_measured_on_both_sides(quick_run: tuple[dict[str, Any], str]) -> None:
     specs = _bench_module("specs")
     result, _ = quick_run
-    assert set(result["models"]) == {"bert", "llama"}
-    for name, model in result["models"].items():
+    assert set(result["models"]) == {"bert", "llama", "llama-long"}
+    models = dict(result["models"])
+    long = models.pop("llama-long")
+    for case in specs.LONG_CASES:  # PyTorch has no twin of JAX's plain case (no long-sequence features)
+        for side in ("jax", "torch") if case != "balance/plain" else ("jax",):
+            _check_measure(long[side]["long"][case], f"llama-long/{side}/long/{case}")
+    for side in ("jax", "torch"):
+        numbers = result["models"]["llama"][side]
+        for case in specs.GENERATE_CASES:
+            _check_measure(numbers["generate"][case], f"llama/{side}/generate/{case}")
+        assert "generate" not in result["models"]["bert"][side]  # a classifier does not generate
+    for name, model in models.items():
         for side in ("jax", "torch"):
             numbers = model[side]
             for case in specs.FORWARD_CASES:
@@ -83,6 +93,7 @@ def test_same_weights_and_one_device_without_recompiles(quick_run: tuple[dict[st
     assert "xla_force_host_platform_device_count" not in meta["xla_flags"]
     assert meta["jax_device_count"] == 1
     assert meta["cpus"]["jax"] == meta["cpus"]["torch"] and len(meta["cpus"]["jax"]) == meta["threads"]
+    assert meta["cpu"]["model"] and isinstance(meta["cpu"]["vector_extensions"], list)
     for name, model in result["models"].items():
         assert model["same_weights_max_abs_diff"] < 1e-4, name
         # Every jitted forward and train step compiled once for its shape, however often it ran.
@@ -93,6 +104,8 @@ def test_same_weights_and_one_device_without_recompiles(quick_run: tuple[dict[st
 def test_train_steps_skip_frozen_kernels_and_donate(quick_run: tuple[dict[str, Any], str]) -> None:
     result, _ = quick_run
     for name, model in result["models"].items():
+        if "train" not in model["jax"]:  # the long-sequence model runs its own cases
+            continue
         train = model["jax"]["train"]
         for case in ("balance", "mini", "full"):
             hlo = train[case]["hlo"]
@@ -105,7 +118,14 @@ def test_train_steps_skip_frozen_kernels_and_donate(quick_run: tuple[dict[str, A
 @pytest.mark.slow
 def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], str]) -> None:
     result, out = quick_run
-    for name, model in result["models"].items():
+    models = dict(result["models"])
+    long = models.pop("llama-long")
+    for case in ("balance", "balance+remat"):
+        r = long["ratios"][f"long/{case}"]
+        assert r["jax_over_torch_median"] == round(long["jax"]["long"][case]["median_s"] /
+                                                   long["torch"]["long"][case]["median_s"], 3)
+    assert all(t["ratio"] is not None for n, t in long["targets"].items() if n.startswith("long"))
+    for name, model in models.items():
         jm, tm, ratios = model["jax"], model["torch"], model["ratios"]
         for group in ("forward", "train", "merge_and_unload"):
             cases = jm[group]
@@ -115,7 +135,9 @@ def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], st
         base = jm["forward"]["base"]["median_s"]
         assert ratios["forward/balance"]["jax_miss_over_base_median"] == round(
             jm["forward"]["balance"]["median_s"] / base, 3)
-        assert set(model["targets"]) and all(t["ratio"] is not None for t in model["targets"].values())
+        measured = [t for n, t in model["targets"].items() if not n.startswith("long")
+                    and (name == "llama" or not n.startswith("generate"))]
+        assert measured and all(t["ratio"] is not None for t in measured), name
         # XLA's FLOP counts: every MiSS forward does more arithmetic than the base forward.
         flops = jm["flops"]
         for variant in ("balance", "mini", "bat"):
@@ -124,7 +146,8 @@ def test_ratios_and_table_follow_the_numbers(quick_run: tuple[dict[str, Any], st
         assert model["targets"]["MiSS forward / base forward (balance)"]["flop_ratio"] == model["flop_ratios"][
             "forward/balance"]
     table = open(os.path.splitext(out)[0] + ".md").read()
-    for row in ("forward/base", "train/full", "create/bat", "merge_and_unload/balance", "copy_kernels"):
+    for row in ("forward/base", "train/full", "create/bat", "merge_and_unload/balance", "copy_kernels",
+                "generate/balance", "long/balance+remat", "long/balance/plain"):
         assert f"| {row} |" in table
 
 

@@ -3,6 +3,7 @@ on tiny models saved to temporary folders, with real torch + PEFT on the other s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -75,7 +76,8 @@ def test_installed_script_help():
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("check", ["--base", "--adapter", "--atol", "--seq-len", "--batch", "--seed", "exit codes"]),
+        ("check", ["--base", "--adapter", "--atol", "--seq-len", "--batch", "--seed", "--nnx", "tunix-qwen3",
+                   "--torch-python", "exit codes"]),
         ("convert", ["--to", "--base", "--out", "--rank", "--step", "--adapter-name", "{peft,lora}", "examples"]),
         ("inspect", ["ADAPTER_DIR", "safetensors header", "exit codes"]),
     ],
@@ -291,3 +293,19 @@ def test_unexpected_errors_are_one_line_too(capsys, folders, monkeypatch):
     monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
     code, _, err = run(capsys, "inspect", folders / "llama-miss")
     assert code == 2 and "Traceback" in err
+
+
+def test_check_nnx_without_tunix_says_how_to_get_it(capsys, folders):
+    """The --nnx route itself runs in the modern environment (tests/test_tunix.py); here tunix is absent."""
+    if importlib.util.find_spec("tunix") is not None:
+        pytest.skip("tunix is installed here: tests/test_tunix.py runs the --nnx checks")
+    qwen3 = folders / "qwen3-config"
+    qwen3.mkdir(exist_ok=True)
+    (qwen3 / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    (qwen3 / "model.safetensors").write_bytes(b"")
+    code, out, err = run(capsys, "check", "--nnx", "tunix-qwen3", "--base", qwen3, "--adapter", folders / "llama-miss")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "--nnx needs google-tunix" in err and "miss-jax[tunix]" in err
+    code, _, err = run(capsys, "check", "--torch-python", sys.executable, "--base", folders / "llama",
+                       "--adapter", folders / "llama-miss")
+    assert code == 2 and "--torch-python is for --nnx checks" in err

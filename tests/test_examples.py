@@ -108,3 +108,18 @@ def test_causal_lm_greedy_tokens_match(tmp_path) -> None:
     assert summary["losses"][-1] < summary["losses"][0]
     assert len(summary["jax_tokens"]) > 0
     assert summary["match"] and summary["jax_tokens"] == summary["torch_tokens"]
+
+
+@pytest.mark.slow
+def test_causal_lm_trains_at_length_with_checkpointing_accumulation_and_blockwise_attention(tmp_path) -> None:
+    example = load_example("causal_lm_generate")
+    summary = example.main(["--output-dir", str(tmp_path), "--steps", "12", "--new-tokens", "8", "--seq", "160",
+                            "--batch-size", "4", "--accum-steps", "2", "--remat", "--blockwise"])
+    assert summary["losses"][-1] < summary["losses"][0]
+    assert summary["match"] and summary["jax_tokens"] == summary["torch_tokens"]
+
+
+def test_causal_lm_rejects_an_accumulation_that_does_not_divide_the_batch() -> None:
+    example = load_example("causal_lm_generate")
+    with pytest.raises(SystemExit):
+        example.parse_args(["--batch-size", "4", "--accum-steps", "3"])

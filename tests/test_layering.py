@@ -121,6 +121,22 @@ def test_design_diagram_matches_the_imports() -> None:
     assert not fix and not stale, "update docs/DESIGN.md §4:\n" + "\n".join(fix) + f"\nno such modules: {stale}"
 
 
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = import_graph()
+
+    def reachable(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph.get(start, ()))
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += graph.get(node, ())
+        return seen
+
+    assert [m for m in graph if m in reachable(m)] == []
+
+
 def test_interop_uses_only_public_miss_jax_names() -> None:
     """`from miss_jax import X` with X in `miss_jax.__all__`, or `from miss_jax.<m> import y` with `m` a public
     module (in `__all__`; `y` public by the private-name test)."""

@@ -118,7 +118,7 @@ def test_checkpointing_blockwise_attention_and_chunked_loss_leave_the_step_uncha
 
 def test_forward_options_are_part_of_the_compiled_program() -> None:
     """Enabling checkpointing after a first call takes effect (a new program), and disabling restores the first."""
-    from miss_jax.model import trace_count
+    from miss_jax.programs import trace_count
 
     pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, init_weights=False, target_modules=["q_proj"]))
     ids = tm.inputs("llama")["input_ids"]

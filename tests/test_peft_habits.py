@@ -294,3 +294,19 @@ def test_other_processes_build_no_host_copy_and_write_nothing(tmp_path, monkeypa
     assert pm.save_pretrained(str(tmp_path / "y"), is_main_process=False, as_lora=True) is None
     monkeypatch.undo()
     assert calls == [] and not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+# --------------------------------------------------------------------------- 6. the demo's options
+
+
+def test_custom_demo_runs_never_write_into_the_demo_folder(capsys):
+    from test_examples import load_example
+
+    example = load_example("finetune_bert_classifier")
+    assert example.parse_args([]).output_dir == example.parse_args(["--resume"]).output_dir == example.DEMO_DIR
+    custom = example.parse_args(["--r", "16", "--variant", "bat"]).output_dir
+    assert custom == example.parse_args(["--variant", "bat", "--r", "16", "--resume"]).output_dir  # --resume finds it
+    assert custom.startswith(example.RUNS_DIR) and example.parse_args(["--output-dir", "x", "--r", "2"]).output_dir == "x"
+    with pytest.raises(SystemExit):
+        example.parse_args(["--help"])
+    assert "MiSS shard size r (default: 32)" in " ".join(capsys.readouterr().out.split())

@@ -85,7 +85,7 @@ def test_nnx_merge_and_unmerge_check_the_same_way() -> None:
 
     model = apply_miss(Two(nnx.Rngs(0)), MissConfig(r=4, init_weights="bat", target_modules=["q_proj"]), nnx.Rngs(1))
     layer = miss_layers(model)["q_proj"]
-    layer.miss_block[...] = layer.miss_block[...].at[0].set(-jnp.eye(4))
+    layer.miss_block["default"][...] = layer.miss_block["default"][...].at[0].set(-jnp.eye(4))
     with pytest.raises(ValueError, match="I \\+ B is singular"):
         layer.merge(safe_merge=True)
     layer.merge()
@@ -178,7 +178,7 @@ def test_peft_style_scalars_and_strings_are_accepted(tmp_path) -> None:
     assert type(config.r) is int
     pm = llama(config)
     pm.save_pretrained(str(tmp_path), selected_adapters="default")
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("name", ["a\0b", "x" * 300])
@@ -221,3 +221,39 @@ def test_restoring_from_a_missing_folder_creates_nothing(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
         train.restore_checkpoint(missing, state)
     assert not os.path.exists(missing)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_deleting_the_bias_adapter_keeps_the_biases_it_trained() -> None:
+    """PEFT trains biases in place, so they outlive the adapter; so do miss-jax's (written into the base)."""
+    pm = get_peft_model(tm.flax_model("bert"), MissConfig(r=4, bias="MiSS_only", target_modules=["query", "value"]))
+    trained = jax.tree_util.tree_map(lambda b: b + 0.5, pm.adapter_params["bias"])
+    pm.update_params({"bias": trained})
+    x = tm.inputs("bert")
+    before = np.asarray(pm(**x).logits)  # zero blocks: the adapter adds nothing but its trained biases
+    with pytest.warns(UserWarning, match="was active which is now deleted"):
+        pm.add_adapter("other", MissConfig(r=4, target_modules=["query"]))
+        pm.delete_adapter("default")
+    np.testing.assert_allclose(np.asarray(pm(**x).logits), before, atol=1e-6)
+    assert not jax.tree_util.tree_leaves(pm.adapter_params["bias"])
+
+
+def test_trainable_count_survives_a_merge_and_lora_export_keeps_the_dtype(tmp_path) -> None:
+    from safetensors import safe_open
+
+    pm = llama(MissConfig(r=4, target_modules=QV))
+    count = pm.get_nb_trainable_parameters()[0]
+    pm.merge_adapter()
+    assert pm.get_nb_trainable_parameters()[0] == count > 0  # PEFT counts requires_grad params, merged or not
+    pm.unmerge_adapter()
+    pm.save_pretrained(str(tmp_path), as_lora=True, dtype=jnp.bfloat16)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_a_shapes_only_adapter_cannot_start_training() -> None:
+    pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, target_modules=QV), low_cpu_mem_usage=True)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True and has no weights yet"):
+        train.create_train_state(pm, optax.adam(1e-3))

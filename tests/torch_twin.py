@@ -2,7 +2,8 @@
 and PEFT (`MISS_JAX_TORCH_PYTHON`; `make test-modern` passes the project's main venv).
 
   torch_twin.py make ARCH OUT          tiny ARCH model (seeded) saved in OUT/base, its logits OUT/base.npy, and a
-                                       PEFT MiSS adapter per variant with random blocks: OUT/<variant>/ + .npy
+                                       PEFT MiSS adapter per variant with random blocks: OUT/<variant>/ + .npy,
+                                       and one with modules_to_save (lm_head, embedding, norms): OUT/saved/
   torch_twin.py logits ARCH BASE DIR.. logits of BASE with each PEFT folder DIR, written as DIR.npy
 
 ARCH is "qwen3" or "llama"; the token ids are `IDS` below, the same on both sides.
@@ -21,6 +22,7 @@ import transformers
 IDS = [[1, 5, 9, 14, 3, 60, 22, 7], [2, 33, 4, 4, 18, 51, 0, 12]]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {"balance": True, "mini": "mini", "bat": "bat"}
+SAVED = ["lm_head", "embed_tokens", "norm"]
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1_000_000,
               tie_word_embeddings=False, max_position_embeddings=64)
@@ -56,6 +58,16 @@ def make(arch: str, out: str) -> None:
                 p.data = 0.05 * torch.randn(p.shape, generator=gen)
         pm.save_pretrained(os.path.join(out, variant))
         np.save(os.path.join(out, f"{variant}.npy"), logits(pm))
+    # modules_to_save: lm_head, the embedding and every norm ("norm" ends q_norm, input_layernorm, ...)
+    model = model_class(arch).from_pretrained(os.path.join(out, "base")).eval()
+    cfg = peft.MissConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=SAVED)
+    pm = peft.get_peft_model(model, cfg).eval()
+    gen = torch.Generator().manual_seed(20)
+    for _, p in pm.named_parameters():
+        if p.requires_grad:
+            p.data += 0.05 * torch.randn(p.shape, generator=gen)
+    pm.save_pretrained(os.path.join(out, "saved"))
+    np.save(os.path.join(out, "saved.npy"), logits(pm))
 
 
 def adapter_logits(arch: str, base_dir: str, folders: list[str]) -> None:
