@@ -88,6 +88,17 @@ class Plan:
         return self.active + tuple(n for n in self.saved if n not in self.active)
 
 
+def check_bias_owner(model_name: str, configs: Mapping[str, MissConfig], config: MissConfig) -> None:
+    """PEFT's rule: only one adapter of a model may train biases. ValueError (PEFT's message) when `config`
+    has `bias != "none"` and one of the model's adapters `configs` already does."""
+    owners = [n for n, c in configs.items() if c.bias != "none"]
+    if config.bias != "none" and owners:
+        raise ValueError(
+            f"{model_name} supports only 1 adapter with bias (adapter {owners[0]!r} has bias="
+            f"{configs[owners[0]].bias!r}). When using multiple adapters, set bias to 'none' for all adapters."
+        )
+
+
 def check_saved_modules(specs: Iterable[AdapterSpec]) -> None:
     """ValueError if two of `specs` (adapters to activate together) save the same module (or one inside the
     other): as PEFT, each module's copy can come from one active adapter only; disjoint ones combine."""

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx as flax_nnx
 from flax.core import unfreeze
 
-from . import adapters, generation, linen, losses, nnx, programs, remat, tree
+from . import adapters, generation, linen, losses, nnx, ops, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .programs import ATTN_IMPLEMENTATIONS, ForwardOptions
@@ -168,13 +168,7 @@ class MissModel:
         if not isinstance(config, MissConfig):
             raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
         self._check_new_name(adapter_name)
-        with_bias = [n for n, s in self._specs.items() if s.config.bias != "none"]
-        if config.bias != "none" and with_bias:
-            raise ValueError(
-                f"MissModel supports only 1 adapter with bias (adapter {with_bias[0]!r} has bias="
-                f"{self._specs[with_bias[0]].config.bias!r}). When using multiple adapters, set bias to 'none' for all "
-                "adapters."
-            )
+        adapters.check_bias_owner(type(self).__name__, self.peft_config, config)
         config = resolve_targets(config, self.layers, self.model_type)
         spec = adapters.make_spec(adapter_name, config, select(config, self.layers), self.params)
         with self.transaction():
@@ -259,16 +253,14 @@ class MissModel:
         self.require_weights(todo)
         if safe_merge:
             linen.check_mergeable(plan, self.adapter_params, todo)
-        merged = tuple(self.merged_adapters)
-        order = linen.merge_order(plan, merged + todo)
-        params = self.params
-        if order[: len(merged)] != merged:  # a bat adapter joins merged additive ones: redo in merge order
-            params, todo = self._merged(params, merged, -1), order
+        variants = {n: s.config.variant for n, s in self._specs.items()}
+        undo, todo = ops.merge_schedule(variants, self.merged_adapters, todo)
+        params = self._merged(self.params, undo, -1) if undo else self.params
         new = self._merged(params, todo, 1)
         if safe_merge:
             linen.check_finite(new, plan, todo)
         self.params = new
-        self.merged_adapters = list(order)
+        self.merged_adapters = [n for n in self.merged_adapters if n not in undo] + list(todo)
 
     def unmerge_adapter(self) -> None:
         """Takes every merged adapter out of the base params (bat through the inverse of `I + B`).

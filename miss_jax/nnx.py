@@ -63,7 +63,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import ops
+from . import adapters, ops
 from .config import MissConfig
 from .layer_rules import KernelRule, has_rule, rule_for
 from .targeting import Layer, matches, resolve_targets, select
@@ -259,20 +259,22 @@ class MissLinear(nnx.Module):
             problem = ops.variant(self.variants[name]).unmerge_problem(block)
             if problem:
                 return f"adapter {name!r}: {problem}"
-        order = ops.composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        _, order = ops.merge_schedule(self.variants, self.merged_adapters, names)
         return None if ops.is_finite(self.adapted_kernel(order)) else "the merged kernel holds NaN or inf"
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Writes adapters (default: the active ones) into the kernel, in composition order; the forward then
         skips them. `safe_merge` checks `merge_problem` first (eager only, not under `nnx.jit`)."""
         names = self.active_adapters if adapter_names is None else tuple(n for n in adapter_names if n in self.variants)
-        order = ops.composition_order(self.variants, [n for n in names if n not in self.merged_adapters])
+        undo, order = ops.merge_schedule(self.variants, self.merged_adapters, names)
         if not order:
             return
         if safe_merge:
             problem = self.merge_problem(order)
             if problem:
                 raise ValueError(f"This MissLinear cannot be merged safely: {problem}; it was not merged.")
+        if undo:  # a bat adapter joins merged additive ones: take them out, merge all in composition order
+            self.unmerge()
         self.kernel.set_value(self.adapted_kernel(order))
         self.merged_adapters = self.merged_adapters + order
 
@@ -582,6 +584,7 @@ class MissNnxModel(nnx.Module):
         if not isinstance(config, MissConfig):
             raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
         self.check_new_name(adapter_name)
+        adapters.check_bias_owner(type(self).__name__, self.peft_config, config)
         model = self.base_model
         if layers is None:
             config, layers = select_layers(model, config)

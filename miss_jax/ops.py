@@ -382,6 +382,26 @@ def composition_order(variants: Mapping[str, str], names: Sequence[str]) -> tupl
     return first + tuple(n for n in names if n not in first)
 
 
+def merge_schedule(
+    variants: Mapping[str, str], merged: Sequence[str], new: Sequence[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How to merge adapters `new` into a kernel that already holds `merged` (in their order) so that the
+    result is `composition_order` of all of them: `(unmerge, merge)`, the adapters to take out first (last
+    first) and those to merge after, in order. When a kernel-transforming adapter joins merged additive
+    ones, everything is taken out and merged again; otherwise only `new` is merged.
+
+    >>> merge_schedule({"a": "balance", "b": "bat"}, ["a"], ["b"])
+    (('a',), ('b', 'a'))
+    >>> merge_schedule({"a": "bat", "b": "balance"}, ["a"], ["b"])
+    ((), ('b',))
+    """
+    merged = tuple(merged)
+    order = composition_order(variants, merged + tuple(n for n in new if n not in merged))
+    if order[: len(merged)] == merged:
+        return (), order[len(merged):]
+    return merged, order
+
+
 def variant(name: str) -> Variant:
     """The `Variant` called `name` ('balance', 'mini' or 'bat')."""
     try:

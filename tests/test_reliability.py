@@ -257,3 +257,57 @@ def test_a_shapes_only_adapter_cannot_start_training() -> None:
     pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, target_modules=QV), low_cpu_mem_usage=True)
     with pytest.raises(ValueError, match="low_cpu_mem_usage=True and has no weights yet"):
         train.create_train_state(pm, optax.adam(1e-3))
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_merging_in_two_calls_equals_the_unmerged_forward(framework: str) -> None:
+    """balance merged first, then a bat adapter on the same layers: the kernel is redone in composition order
+    (bat first), so merged equals unmerged, in both transforms."""
+    bal = MissConfig(r=4, init_weights=False, target_modules=["q_proj"])
+    bat = MissConfig(r=4, init_weights="bat", target_modules=["q_proj"])
+    if framework == "linen":
+        pm = llama(bal, "a")
+        pm.add_adapter("b", bat)
+        fill_blocks(pm, "b", 0.1, seed=3)
+        x = {"input_ids": tm.inputs("llama")["input_ids"]}
+        run = lambda: np.asarray(pm(**x).logits)  # noqa: E731
+    else:
+        from miss_jax.nnx import get_peft_model as nnx_peft
+
+        class Two(nnx.Module):
+            def __init__(self, rngs: nnx.Rngs):
+                self.q_proj = nnx.Linear(8, 8, rngs=rngs)
+
+            def __call__(self, x):
+                return self.q_proj(x)
+
+        pm = nnx_peft(Two(nnx.Rngs(0)), bal, "a", rngs=nnx.Rngs(1))
+        pm.add_adapter("b", bat)
+        (layer,) = miss_layers(pm).values()
+        layer.miss_block["b"][...] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), layer.miss_block["b"][...].shape)
+        x = jnp.ones((2, 8)) * jnp.arange(8)
+        run = lambda: np.asarray(pm(x))  # noqa: E731
+    pm.set_adapter(["a", "b"])
+    unmerged = run()
+    pm.merge_adapter(["a"])
+    pm.merge_adapter(["b"])
+    np.testing.assert_allclose(run(), unmerged, atol=1e-5)
+    pm.unmerge_adapter()
+    np.testing.assert_allclose(run(), unmerged, atol=1e-5)
+
+
+def test_nnx_refuses_a_second_bias_adapter_as_peft_does() -> None:
+    from miss_jax.nnx import get_peft_model as nnx_peft
+
+    class Two(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.q_proj = nnx.Linear(8, 8, rngs=rngs)
+            self.v_proj = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.v_proj(self.q_proj(x))
+
+    pm = nnx_peft(Two(nnx.Rngs(0)), MissConfig(r=4, bias="all", target_modules=["q_proj"]), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"supports only 1 adapter with bias \(adapter 'default' has bias='all'\)"):
+        pm.add_adapter("other", MissConfig(r=4, bias="MiSS_only", target_modules=["v_proj"]))
+    assert list(pm.peft_config) == ["default"]
