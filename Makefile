@@ -40,15 +40,16 @@ $(STAMP_MODERN): pyproject.toml
 
 venv-modern: $(STAMP_MODERN)
 
+# One pytest worker per CPU (pytest-xdist), each test file on one worker (its module fixtures run once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # NNX tests on the newest jax/flax; the PyTorch twins of the tunix tests run in $(VENV).
 test-modern: $(STAMP_MODERN) $(STAMP)
 	MISS_JAX_TORCH_PYTHON=$(abspath $(BIN))/python $(BIN_MODERN)/python -m pytest -q $(MODERN_TESTS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py

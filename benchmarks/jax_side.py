@@ -157,43 +157,46 @@ class JaxSuite:
     def _long_cases(self, compiles: dict[str, int]) -> dict[str, dict]:
         """A balance train step at length, as a user runs it: `balance/plain` (transformers' attention, the
         plain loss), `balance` (blockwise attention, the chunked loss) and `balance+remat` (and per-layer
-        gradient checkpointing). `compiles` gets each step's traces while it was built and warmed up."""
+        gradient checkpointing). Each case runs in a process of its own (`timing.isolated`): at this size
+        one case's freed buffers would hide the next one's memory. `compiles` gets each step's traces."""
+        out = {}
+        for name in specs.LONG_CASES:
+            result = timing.isolated(__file__, self.settings, self.spec.name, name)
+            out[name], compiles[f"long/{name}"] = result["measure"], result["compiles"]
+        return out
+
+    def long_case(self, name: str) -> dict[str, Any]:
+        """One case of `_long_cases` in this process: `{"measure": ..., "compiles": traces of its step}`."""
         from miss_jax import losses
         from miss_jax.programs import trace_count
         from miss_jax.train import create_train_state, make_train_step
 
-        rounds = self._rounds()
+        self.baseline = self.memory.current()
+        pm = self._miss_model("balance")
+        loss_fn = self.loss_fn
+        if name != "balance/plain":
+            pm.set_attn_implementation("blockwise")
+            loss_fn = losses.ChunkedCausalLMLoss()
+        if name == "balance+remat":
+            pm.gradient_checkpointing_enable()
         rng = self.jax.random.PRNGKey(0)
-        plan = self._miss_model("balance").plan  # every case's: they differ in how the forward runs, not in it
+        before = trace_count(pm.plan)
 
-        def case(name: str, efficient: bool, remat: bool) -> None:
-            def build() -> Callable[[], Any]:
-                pm = self._miss_model("balance")
-                loss_fn = self.loss_fn
-                if efficient:
-                    pm.set_attn_implementation("blockwise")
-                    loss_fn = losses.ChunkedCausalLMLoss()
-                if remat:
-                    pm.gradient_checkpointing_enable()
-                step = make_train_step(pm, self.tx, loss_fn)
-                box: dict[str, Any] = {}
+        def build() -> Callable[[], Any]:
+            step = make_train_step(pm, self.tx, loss_fn)
+            box: dict[str, Any] = {}
 
-                def run() -> Any:
-                    if not box:  # built on the first call, so that the group counts it as this case's memory
-                        box["state"] = create_train_state(pm, self.tx)
-                    box["state"], loss = step(pm.params, box["state"], self.batch, rng)
-                    return loss
+            def run() -> Any:
+                if not box:  # built on the first call, so that it counts as this case's memory
+                    box["state"] = create_train_state(pm, self.tx)
+                box["state"], loss = step(pm.params, box["state"], self.batch, rng)
+                return loss
 
-                return run
+            return run
 
-            before = trace_count(plan)
-            rounds.add(name, build)
-            compiles[f"long/{name}"] = trace_count(plan) - before
-
-        case("balance/plain", efficient=False, remat=False)
-        case("balance", efficient=True, remat=False)
-        case("balance+remat", efficient=True, remat=True)
-        return rounds.run(self.settings.repeats)
+        rounds = self._rounds()
+        rounds.add(name, build)
+        return {"measure": rounds.run(specs.long_repeats(self.settings))[name], "compiles": trace_count(pm.plan) - before}
 
     def _generate_cases(self) -> dict[str, dict]:
         """Greedy generate (KV cache, every token produced): the merged balance model's own `generate`
@@ -333,5 +336,18 @@ class JaxSuite:
 
 
 
+def long_case_main(settings_path: str, out_path: str, model: str, case: str) -> None:
+    """One long-sequence case in this process (`timing.isolated` calls this through `--long-case`)."""
+    settings = specs.Settings.from_json(open(settings_path).read())
+    _setup(settings)
+    spec = next(s for s in settings.models if s.name == model)
+    suite = JaxSuite(spec, settings)
+    suite.forward(suite.base, specs.logits_inputs(spec, suite.model_inputs))  # compiled, as in `run`
+    write_json(out_path, suite.long_case(case))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "--long-case":
+        long_case_main(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[5])
+    else:
+        main(sys.argv[1], sys.argv[2])

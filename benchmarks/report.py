@@ -106,6 +106,8 @@ def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[fl
     `flop_ratio` (see `flop_ratios`)."""
     out = {}
     for name, (key, ratio, bound) in TARGETS.items():
+        if key not in model_ratios:  # a case this model does not run (e.g. generate for a classifier)
+            continue
         r = model_ratios.get(key, {})
         value = r.get(f"{ratio}_median", r.get(ratio))
         out[name] = {"ratio": value, "bound": bound, "met": None if value is None else value <= bound,

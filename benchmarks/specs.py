@@ -117,6 +117,11 @@ def inputs(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def long_repeats(settings: Settings) -> int:
+    """Timed runs of a long-sequence case: at most 3 (each is seconds long and varies little)."""
+    return min(settings.repeats, 3)
+
+
 def logits_inputs(spec: ModelSpec, batch: dict[str, Any]) -> dict[str, Any]:
     """The part of `batch` (arrays of either framework) both sides' base logits are compared on: the first
     64 tokens of a long-sequence model (its full logits would be gigabytes), else all of it."""

@@ -218,3 +218,23 @@ def pin_threads(threads: int) -> list[int]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     return allowed
+
+
+def isolated(script: str, settings: Any, model: str, case: str) -> dict[str, Any]:
+    """Runs `script SETTINGS OUT --long-case MODEL CASE` (a side script measuring one case) in a fresh
+    process with this process's environment and CPUs, and returns the JSON it wrote. `settings` is the
+    run's `specs.Settings` (its `settings.json` lives in its workdir)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    settings_path = os.path.join(settings.workdir, "settings.json")
+    with tempfile.TemporaryDirectory(dir=settings.workdir) as tmp:
+        out = os.path.join(tmp, "case.json")
+        cmd = [sys.executable, script, settings_path, out, "--long-case", model, case]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        with open(out) as f:
+            return json.load(f)

@@ -143,28 +143,31 @@ class TorchSuite:
         return forward.run(self.settings.repeats)
 
     def _long_cases(self) -> dict[str, dict]:
-        """A balance train step at length (sdpa attention), without and with PEFT's gradient checkpointing
-        (`gradient_checkpointing_enable`, non-reentrant: the reentrant form passes no gradient to adapters
-        inside a checkpointed block unless the inputs require grad)."""
+        """A balance train step at length (sdpa attention), without and with PEFT's gradient checkpointing,
+        each in a process of its own (`timing.isolated`, as on the JAX side)."""
+        return {name: timing.isolated(__file__, self.settings, self.spec.name, name)["measure"]
+                for name in specs.LONG_CASES if name != "balance/plain"}
+
+    def long_case(self, name: str) -> dict[str, Any]:
+        """One case of `_long_cases` in this process. Checkpointing is PEFT's `gradient_checkpointing_enable`,
+        non-reentrant: the reentrant form passes no gradient to adapters inside a checkpointed block unless
+        the inputs require grad. Refuses to measure a step whose adapters get no gradient."""
+        self.baseline = self.memory.current()
+
+        def build() -> Callable[[], Any]:
+            pm = self._peft_model("balance")
+            if name == "balance+remat":
+                pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trainable = [p for p in pm.parameters() if p.requires_grad]
+            step = self._train_step(pm, trainable)
+            step()
+            if not all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable):
+                raise RuntimeError("PEFT's adapters received no gradient: the measured step would not train.")
+            return step
+
         rounds = self._rounds()
-
-        def build(remat: bool) -> Callable[[], Callable[[], Any]]:
-            def make() -> Callable[[], Any]:
-                pm = self._peft_model("balance")
-                if remat:
-                    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                trainable = [p for p in pm.parameters() if p.requires_grad]
-                step = self._train_step(pm, trainable)
-                step()
-                if not all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable):
-                    raise RuntimeError("PEFT's adapters received no gradient: the measured step would not train.")
-                return step
-
-            return make
-
-        rounds.add("balance", build(remat=False))
-        rounds.add("balance+remat", build(remat=True))
-        return rounds.run(self.settings.repeats)
+        rounds.add(name, build)
+        return {"measure": rounds.run(specs.long_repeats(self.settings))[name]}
 
     def _generate_cases(self) -> dict[str, dict]:
         """Greedy generate (KV cache, every token produced): the merged balance model, and PEFT's
@@ -231,5 +234,24 @@ class TorchSuite:
                                     self.memory, self.baseline)
 
 
+def long_case_main(settings_path: str, out_path: str, model: str, case: str) -> None:
+    """One long-sequence case in this process (`timing.isolated` calls this through `--long-case`)."""
+    settings = specs.Settings.from_json(open(settings_path).read())
+    if settings.device == "cpu":
+        timing.pin_threads(settings.threads)
+    import torch
+
+    if settings.device == "cpu":
+        torch.set_num_threads(settings.threads)
+    spec = next(s for s in settings.models if s.name == model)
+    suite = TorchSuite(spec, settings)
+    with torch.inference_mode():
+        suite.model(**specs.logits_inputs(spec, suite.model_inputs))  # run once, as in `run`
+    write_json(out_path, suite.long_case(case))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "--long-case":
+        long_case_main(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[5])
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -389,12 +389,13 @@ class MissModel:
         """(trainable, all): all counts the base params plus every adapter's params and module copies.
 
         Trainable: the active adapters' blocks and module copies and the trained biases, merged or not (as
-        PEFT counts `requires_grad` parameters); 0 while an active adapter is frozen."""
+        PEFT counts `requires_grad` parameters); 0 while an active adapter is frozen or the adapter layers
+        are disabled (PEFT's disabled layers stop requiring grad)."""
         active = tuple(self.active_adapters)
         saved = tuple(a for a in active if self._specs[a].saved_modules)
         every_active = Plan(tuple(self._specs.values()), active, saved)
-        frozen = any(a in self._frozen for a in active)
-        trainable = {} if frozen else adapters.trainable(self.adapter_params, every_active)
+        none = self._disabled or any(a in self._frozen for a in active)
+        trainable = {} if none else adapters.trainable(self.adapter_params, every_active)
         every = {k: v for k, v in self.adapter_params.items() if k != adapters.BIAS}
         return tree.count(trainable), tree.count(self.params) + tree.count(every)
 
