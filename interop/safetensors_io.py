@@ -89,11 +89,13 @@ def write_config(path: str, config: Mapping[str, Any]) -> None:
 
 
 def write_tensors(path: str, tensors: Mapping[str, Any]) -> None:
-    """Writes an `adapter_model.safetensors` at `path` (JAX or NumPy arrays) with PEFT's metadata (`format: pt`)."""
-    safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file 0600; give it the mode open() would
+    """Writes an `adapter_model.safetensors` at `path` (JAX or NumPy arrays) with PEFT's metadata (`format: pt`).
+
+    The bytes are serialised in memory and written here with `open()` (the usual mode, no temporary file of
+    safetensors' own beside `path`, which a killed save would leave behind)."""
+    data = safetensors.flax.save({k: jnp.asarray(v) for k, v in tensors.items()}, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def read_config(folder: str) -> dict[str, Any]:
