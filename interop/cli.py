@@ -116,10 +116,19 @@ def inspect_folder(folder: str) -> list[str]:
     lines += [f"  {name:<{width}s}  {str(shape):<14s} {dtype:<5s} {group}" for name, shape, dtype, group in rows]
     total = sum(counts.values())
     lines.append("parameters:      " + ", ".join(f"{k} {v:,d}" for k, v in counts.items() if v) + f"; total {total:,d}")
-    subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, files.CONFIG_NAME)))
+    subs = folder_adapters(folder)[1:]
     if subs:
         lines.append(f"other adapters in sub-folders: {subs}")
     return lines
+
+
+def folder_adapters(folder: str) -> list[str]:
+    """The adapters of a PEFT folder as `save_pretrained` writes them: `default` (the root's), then the others,
+    each in a sub-folder named after it, sorted."""
+    from .safetensors_io import CONFIG_NAME
+
+    subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+    return ["default", *(d for d in subs if d != "default")]
 
 
 # --------------------------------------------------------------------------- convert
@@ -175,7 +184,12 @@ def _refuse_overwriting_inputs(folder: str, inputs: dict[str, str]) -> None:
 
 def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[Union[int, float]] = None, step: Optional[int] = None,
             adapter_name: Optional[str] = None) -> list[str]:
-    """Converts an orbax training checkpoint or a PEFT MiSS folder to a PEFT MiSS folder or a LoRA folder."""
+    """Converts an orbax training checkpoint or a PEFT MiSS folder to a PEFT MiSS folder or a LoRA folder.
+
+    `adapter_name` picks the adapter to write: one of the checkpoint's, or of the PEFT folder's (`default` at
+    its root, another in the sub-folder named after it). `step` is for checkpoints only, `rank` for LoRA only:
+    an option without a meaning for `src` / `to` is refused (ValueError naming it), never ignored.
+    """
     from miss_jax import MissModel
 
     from . import safetensors_io as files
@@ -184,14 +198,30 @@ def convert(src: str, to: str, base_dir: str, out: str, rank: Optional[Union[int
 
     if not os.path.exists(src):
         raise ValueError(f"Source {src!r} does not exist.")
+    if to == "peft" and rank is not None:
+        raise ValueError(f"--rank {rank} is the rank of a LoRA export (--to lora); --to peft writes the MiSS blocks "
+                         "as they are. Drop --rank, or pass --to lora.")
     _refuse_overwriting_inputs(out, {"SRC": src, "--base": base_dir})
     if os.path.isfile(os.path.join(src, files.CONFIG_NAME)):
         if to == "peft":
             raise ValueError(f"{src!r} is already a PEFT folder; use --to lora to export it as LoRA.")
+        if step is not None:
+            raise ValueError(f"--step {step} picks a step of an orbax training checkpoint, but {src!r} is a PEFT "
+                             "folder (one saved state, no steps). Drop --step.")
+        name = adapter_name or "default"
+        available = folder_adapters(src)
+        if name not in available:
+            raise ValueError(f"--adapter-name {name!r} is not an adapter of the PEFT folder {src!r}; it holds "
+                             f"{available} ('default' at its root, the others in sub-folders named after them): pass "
+                             "one of them to --adapter-name.")
         flax_model, params = load_flax_model(base_dir)
-        model = MissModel.from_pretrained(flax_model, src, params=params)
+        model = MissModel.from_pretrained(flax_model, src, name, subfolder=None if name == "default" else name,
+                                          params=params)
     elif _is_checkpoint(src):
         model = model_from_checkpoint(src, base_dir, step)
+        if adapter_name is not None and adapter_name not in model.peft_config:
+            raise ValueError(f"--adapter-name {adapter_name!r} is not an adapter of the checkpoint {src!r}; it "
+                             f"holds {list(model.peft_config)}: pass one of them to --adapter-name.")
     else:
         raise ValueError(
             f"{src!r} is neither a PEFT adapter folder ({files.CONFIG_NAME}) nor an orbax training checkpoint "
@@ -268,7 +298,10 @@ Convert SRC, an orbax training checkpoint (miss_jax.train.save_checkpoint) or a 
 folder, into a PEFT MiSS folder (--to peft; from checkpoints) or a PEFT LoRA folder (--to lora;
 what vLLM and other LoRA-only servers load). balance/mini adapters convert to LoRA exactly at
 rank r; bat adapters through an SVD of their weight update at --rank (default: full rank,
-exact), and the relative approximation error (Frobenius) is printed.
+exact), and the relative approximation error (Frobenius) is printed. --adapter-name picks one
+of the checkpoint's adapters, or one of a PEFT folder's (save_pretrained writes 'default' at
+the root, the others in sub-folders named after them). --step is for checkpoints and --rank for
+--to lora only: an option that means nothing for SRC or --to is refused, never ignored.
 """
 _INSPECT = """\
 Print the type (MISS, BONE, LORA, ...), variant, rank, targets, tensor shapes and parameter
@@ -313,11 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to write into (its adapter files replaced atomically, other files kept; "
                         "not SRC or --base)")
     p.add_argument("--rank", type=_lora_rank, default=None,
-                   help="LoRA rank (--to lora), as PEFT's convert_to_lora: an int is bat's SVD rank, a float in (0, 1] "
-                        "an energy threshold; balance/mini stay exact at r (default: exact, bat at full rank)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step to convert (default: the latest)")
+                   help="LoRA rank (--to lora only), as PEFT's convert_to_lora: an int is bat's SVD rank, a float "
+                        "in (0, 1] an energy threshold; balance/mini stay exact at r (default: exact, bat at full "
+                        "rank)")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step to convert (checkpoints only; default: the latest)")
     p.add_argument("--adapter-name", default=None,
-                   help="adapter to write (default: the active ones for peft, the first active one for lora)")
+                   help="adapter to write: one of the checkpoint's (default: its active ones for peft, the first "
+                        "active one for lora), or of the PEFT folder's (default: 'default', at its root; another "
+                        "is in the sub-folder named after it)")
 
     p = sub.add_parser("inspect", help="describe an adapter folder (no model needed)", description=_INSPECT,
                        epilog=_epilog("inspect"), formatter_class=fmt)

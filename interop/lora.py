@@ -126,7 +126,7 @@ def layer_factors(
     """LoRA factors of one MiSS layer: `lora_A` `(k, in)`, `lora_B` `(out, k)` (float32) and a report.
 
     `spec` is the adapter (its variant); `block` the layer's `miss_block` (balance `(r, out)`, mini
-    `(r, mini_r)`, bat `(out // r, r, r)`); `kernel` the layer's base kernel in `layer.layout` (bat
+    `(r, mini_r)`, bat `(out // r, r, r)`); `kernel` the layer's base kernel as the model holds it (bat
     only). `rank` as PEFT's `convert_to_lora` (see the module docstring); None is exact (bat at full
     rank `min(in, out)`).
     """
@@ -142,7 +142,7 @@ def layer_factors(
         return a, b, LayerReport(layer.key, variant.name, d.shape[0], 0.0, norm)
     if kernel is None:
         raise ValueError(f"Exporting the {variant.name} layer {layer.key} needs its base kernel.")
-    k32 = jnp.asarray(kernel, jnp.float32)
+    k32 = layer.matrix(jnp.asarray(kernel, jnp.float32))  # 2-D (a DenseGeneral's flattened (in, out))
     delta = np.asarray(to_torch(variant.merge(k32, block, layer.layout) - k32, layer.layout), np.float64)
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     full = min(in_f, out_f)

@@ -11,16 +11,20 @@ there is no per-architecture table. The two trees differ only in
     (GPT-2's `FlaxConv1D` kernel `(out, in)` is its torch `Conv1D` weight `(in, out)`: the same
     transpose), a Conv kernel `(*window, in, out)` is torch `(out, in, *window)`, `embedding` and a
     LayerNorm `scale` are torch `weight`;
-  * tied weights (`lm_head`, T5/BART `embed_tokens`) that exist only in torch's state dict.
+  * tied weights (`lm_head`, T5/BART `embed_tokens`) that exist only in torch's state dict;
+  * an `nn.DenseGeneral` kernel `(*in_dims, *out_dims)` is the torch `Linear` weight its `KernelRule`
+    flattens it to, `(out, in)`, and its bias is flattened to `(out,)` (pass the layer's rule).
 
 PEFT's adapter files prefix every key with `base_model.model.`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 from miss_jax import adapters
+from miss_jax.layer_rules import KernelRule
 from miss_jax.tree import Path
 
 PREFIX = "base_model.model."
@@ -48,24 +52,35 @@ def torch_leaf(leaf: str) -> str:
     return _TORCH_LEAF.get(leaf, leaf)
 
 
-def to_torch(leaf: str, value: Any) -> Any:
-    """A Flax leaf in torch layout: kernels `(..., in, out)` become `(out, in, ...)`; others unchanged."""
+def to_torch(leaf: str, value: Any, rule: Optional[KernelRule] = None) -> Any:
+    """A Flax leaf in torch layout: kernels `(..., in, out)` become `(out, in, ...)`; others unchanged.
+
+    `rule`: the `KernelRule` of the layer holding the leaf (an `nn.DenseGeneral`'s, `Layer.rule`): its kernel
+    becomes the rule's flattened torch weight `(out, in)`, its bias `(*out_dims)` becomes `(out,)`.
+    """
+    if rule is not None and leaf in (rule.kernel, rule.bias):
+        return rule.to_matrix(value).T if leaf == rule.kernel else value.reshape(-1)
     if leaf != "kernel" or value.ndim < 2:
         return value
     n = value.ndim
     return value.transpose((n - 1, n - 2, *range(n - 2)))
 
 
-def from_torch(leaf: str, value: Any) -> Any:
-    """The inverse of `to_torch`: torch `(out, in, ...)` back to the Flax kernel `(..., in, out)`."""
+def from_torch(leaf: str, value: Any, rule: Optional[KernelRule] = None, shape: tuple[int, ...] = ()) -> Any:
+    """The inverse of `to_torch`: torch `(out, in, ...)` back to the Flax kernel `(..., in, out)`; with `rule`,
+    its kernel or bias back to the Flax leaf of `shape`."""
+    if rule is not None and leaf in (rule.kernel, rule.bias):
+        return rule.from_matrix(value.T, shape) if leaf == rule.kernel else value.reshape(shape)
     if leaf != "kernel" or value.ndim < 2:
         return value
     n = value.ndim
     return value.transpose((*range(2, n), 1, 0))
 
 
-def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torch-layout shape of a Flax leaf of `shape`."""
+def torch_shape(leaf: str, shape: tuple[int, ...], rule: Optional[KernelRule] = None) -> tuple[int, ...]:
+    """The torch-layout shape of a Flax leaf of `shape` (`rule` as in `to_torch`)."""
+    if rule is not None and leaf in (rule.kernel, rule.bias):
+        return rule.sizes(shape)[::-1] if leaf == rule.kernel else (math.prod(shape),)
     if leaf != "kernel" or len(shape) < 2:
         return tuple(shape)
     return (shape[-1], shape[-2], *shape[:-2])

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from miss_jax import MissConfig, ops
+from miss_jax.adapters import match_modules_to_save
 from miss_jax.layer_rules import KernelRule, einsum_rule, has_rule, register, rule_for
 from miss_jax.nnx import (
     GraphPath, MissNnxModel, ModulesToSave, bias_leaf, discover, get_peft_model, miss_layers, saved_modules,
@@ -184,14 +185,13 @@ def saved_tensors(module: nnx.Module, key: str, name_map: NameMap) -> list[Saved
 
 
 def _torch_saved(config: MissConfig, model: nnx.Module, saved: Sequence[str], name_map: NameMap) -> Any:
-    """`modules_to_save` for the torch twin: the config's own names if PEFT's rule (a module path ending with
-    a name) picks the same modules among the mapped ones, else the saved modules' torch paths."""
+    """`modules_to_save` for the torch twin: the config's own names if PEFT's rule
+    (`adapters.match_modules_to_save`) picks the same modules among the mapped ones, else the saved modules'
+    torch paths."""
     mapped = [n for k in discover(model) for n in [name_map.torch_name(k)] if n is not None]
     wanted = sorted(torch_names(model, saved, name_map).values())
-    names = config.modules_to_save or ()
-    picked = [n for n in mapped if any(n.endswith(m) for m in names)]
-    outer = sorted(n for n in picked if not any(n.startswith(p + ".") for p in picked))
-    return config.modules_to_save if outer == wanted else tuple(wanted)
+    picked = sorted(match_modules_to_save(config.modules_to_save, mapped))
+    return config.modules_to_save if picked == wanted else tuple(wanted)
 
 
 def _torch_targets(config: MissConfig, model: nnx.Module, layer_keys: Sequence[str], name_map: NameMap) -> Any:
@@ -266,13 +266,13 @@ SavedCopy = list[tuple[SavedTensor, Any]]  # a modules_to_save copy's tensors: (
 
 def _plan_saved(model: nnx.Module, config: MissConfig, tensors: dict[str, Any], name_map: NameMap,
                 folder: str) -> dict[str, SavedCopy]:
-    """The `modules_to_save` copies of a folder, `{nnx key: tensors}`, found as PEFT finds them (a mapped
-    module whose torch path ends with a name of the folder's `modules_to_save`); their tensors are popped
-    from `tensors`. ValueError naming the module for a tensor missing from the folder or of a wrong shape."""
+    """The `modules_to_save` copies of a folder, `{nnx key: tensors}`, found as PEFT finds them (PEFT's rule,
+    `adapters.match_modules_to_save`, on the mapped modules' torch paths); their tensors are popped from
+    `tensors`. ValueError naming the module for a tensor missing from the folder or of a wrong shape."""
     names = config.modules_to_save or ()
     torch = {k: n for k in discover(model) for n in [name_map.torch_name(k)] if n is not None}
-    picked = [k for k, n in torch.items() if any(n.endswith(m) for m in names)]
-    picked = [k for k in picked if not any(k.startswith(p + ".") for p in picked)]
+    chosen = set(match_modules_to_save(names, torch.values()))
+    picked = [k for k, n in torch.items() if n in chosen]
     nodes = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
     copies: dict[str, SavedCopy] = {}
     for key in picked:
@@ -388,11 +388,12 @@ def check_bias_shapes(model: nnx.Module, biases: Mapping[str, Any], folder: str)
 
 def load_adapter(peft_model: MissNnxModel, model_id: str, adapter_name: str, name_map: NameMap,
                  is_trainable: bool = False) -> None:
-    """Loads the PEFT folder `model_id` as adapter `adapter_name` (not activated, as in PEFT). ValueError,
-    leaving the model unchanged, for anything that does not fit."""
+    """Loads the PEFT folder `model_id` as adapter `adapter_name` (not activated, as in PEFT), frozen
+    (`frozen_adapters`) unless `is_trainable`. ValueError, leaving the model unchanged, for anything that does
+    not fit."""
     config, tensors = _read(model_id, is_trainable)
     config, layers, blocks, biases, copies = _plan(peft_model.base_model, config, tensors, name_map, model_id)
-    peft_model.add_adapter(adapter_name, config, layers=layers)
+    peft_model.add_adapter(adapter_name, config, layers=layers, saved=tuple(copies))
     _fill(peft_model, adapter_name, blocks, biases, copies)
 
 
@@ -400,9 +401,10 @@ def from_pretrained(model: nnx.Module, model_id: str, name_map: NameMap, adapter
                     is_trainable: bool = False, rngs: Optional[nnx.Rngs] = None) -> MissNnxModel:
     """A `MissNnxModel` around `model` with the adapter of PEFT folder `model_id`, active (`model` is
     adapted in place; on error it is left unchanged). `modules_to_save` copies come back as
-    `ModulesToSave` wrappers holding the folder's weights."""
+    `ModulesToSave` wrappers holding the folder's weights. As PEFT, the adapter is frozen (inference mode: no
+    variable in `trainable`) unless `is_trainable`."""
     config, tensors = _read(model_id, is_trainable)
     config, layers, blocks, biases, copies = _plan(model, config, tensors, name_map, model_id)
-    peft_model = get_peft_model(model, config, adapter_name, rngs, layers=layers)
+    peft_model = get_peft_model(model, config, adapter_name, rngs, layers=layers, saved=tuple(copies))
     _fill(peft_model, adapter_name, blocks, biases, copies)
     return peft_model

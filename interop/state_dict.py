@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from miss_jax import MissModel, adapters, tree
+from miss_jax.layer_rules import KernelRule
 from miss_jax.tree import Path
 
 from . import names
@@ -30,12 +31,15 @@ class Entry:
     """One tensor of an adapter: its key in the adapter file and its leaf in `MissModel.adapter_params`.
 
     `path` is the leaf's full path in the adapter pytree (`miss_jax.adapters`). `aliases` are other keys
-    PEFT writes for the same tensor; they are accepted when loading and never written.
+    PEFT writes for the same tensor; they are accepted when loading and never written. `rule`: the
+    `KernelRule` of the layer holding the leaf when its kernel is not a matrix (an `nn.DenseGeneral`'s), whose
+    kernel and bias PEFT stores flattened (`names.to_torch`).
     """
 
     key: str
     path: Path
     aliases: tuple[str, ...] = ()
+    rule: Optional[KernelRule] = None
 
     @property
     def leaf(self) -> str:
@@ -46,26 +50,32 @@ def _entries(model: MissModel, adapter_name: str) -> list[Entry]:
     """Every tensor adapter `adapter_name` stores, with PEFT 0.21's key for it.
 
     * `<layer>.miss_block` for each adapted layer (PEFT's block shape; no layout change);
-    * `<module>.<param>` for each param of a `modules_to_save` copy (torch names and layout);
+    * `<module>.<param>` for each param of a `modules_to_save` copy (torch names and layout; a DenseGeneral's
+      kernel as its flattened torch weight);
     * trained biases: `<layer>.base_layer.bias` for adapted layers, `<path>.bias` for the others.
     """
     spec = model.plan.spec(adapter_name)
     adapted = {layer.path for layer in spec.layers}
+    rules = {layer.path: layer.rule for layer in model.layers.values() if layer.rule is not None}
     out = [
         Entry(names.adapter_key(layer.path, names.BLOCK), (adapters.MISS, adapter_name, *layer.path, adapters.BLOCK))
         for layer in spec.layers
     ]
     saved = tree.flatten(adapters.own(model.adapter_params, adapter_name)[adapters.MODULES_TO_SAVE])
     out += [
-        Entry(names.PREFIX + names.torch_param_key(p), (adapters.MODULES_TO_SAVE, adapter_name, *p)) for p in saved
+        Entry(names.PREFIX + names.torch_param_key(p), (adapters.MODULES_TO_SAVE, adapter_name, *p),
+              rule=rules.get(p[:-1]))
+        for p in saved
     ]
     for path in spec.bias_paths:
         if path in adapted:
-            out.append(Entry(names.adapter_key(path, names.BASE_LAYER, "bias"), (adapters.BIAS, *path, "bias")))
+            out.append(Entry(names.adapter_key(path, names.BASE_LAYER, "bias"), (adapters.BIAS, *path, "bias"),
+                             rule=rules.get(path)))
         else:
             # A torch model whose *other* adapters wrap this layer names it `<path>.base_layer.bias`.
             alias = names.adapter_key(path, names.BASE_LAYER, "bias")
-            out.append(Entry(names.adapter_key(path, "bias"), (adapters.BIAS, *path, "bias"), (alias,)))
+            entry = Entry(names.adapter_key(path, "bias"), (adapters.BIAS, *path, "bias"), (alias,), rules.get(path))
+            out.append(entry)
     return out
 
 
@@ -109,7 +119,7 @@ def get_peft_model_state_dict(
     source = model.adapter_params if adapter_params is None else adapter_params
     out = {}
     for e in _entries(model, adapter_name):
-        value = names.to_torch(e.leaf, jnp.asarray(_leaf(source, e)))
+        value = names.to_torch(e.leaf, jnp.asarray(_leaf(source, e)), e.rule)
         out[e.key] = value if dtype is None else value.astype(dtype)
     return out
 
@@ -148,11 +158,11 @@ def set_peft_model_state_dict(
     values, wrong = {}, []
     for e in entries:
         like, tensor = _leaf(model.adapter_params, e), found[e.key]
-        want = names.torch_shape(e.leaf, tuple(like.shape))
+        want = names.torch_shape(e.leaf, tuple(like.shape), e.rule)
         if tuple(tensor.shape) != want:
             wrong.append(f"{e.key}: {tuple(tensor.shape)} in {source}, {want} expected by the model")
         else:
-            values[e] = names.from_torch(e.leaf, jnp.asarray(tensor)).astype(like.dtype)
+            values[e] = names.from_torch(e.leaf, jnp.asarray(tensor), e.rule, tuple(like.shape)).astype(like.dtype)
     if wrong:
         raise ValueError(f"Tensors of the wrong shape for adapter {adapter_name!r}: " + "; ".join(wrong) + ".")
     model.update_params(tree.unflatten({e.path: v for e, v in values.items()}))

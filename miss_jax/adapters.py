@@ -191,25 +191,37 @@ def trainable(adapter_params: Mapping, plan: Plan) -> dict:
 # --------------------------------------------------------------------------- creating adapters
 
 
-def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...]:
-    """Module paths (param subtrees) whose name equals or ends with an entry of `modules_to_save`.
+def match_modules_to_save(
+    names: Optional[Sequence[str]], keys: Iterable[str], strict: bool = False
+) -> tuple[str, ...]:
+    """The module keys (dotted paths, `model.layers.0.norm`) among `keys` that `modules_to_save` `names`
+    select, in the order of `keys`: PEFT's rule (`key.endswith(name)`, so `"lm_head"` selects `my_lm_head`
+    too), less those inside another selected module (its copy holds them).
 
-    Raises if no entry matches (PEFT's task wrappers add names such as "score" that a model may lack).
+    With `strict`, ValueError when `names` select nothing (PEFT's task wrappers add names such as "score"
+    that a model may lack; as PEFT, names that match nothing are skipped while another one matches).
+
+    >>> match_modules_to_save(["lm_head", "norm"], ["lm_head", "my_lm_head", "norm", "norm.inner", "layer_norms"])
+    ('lm_head', 'my_lm_head', 'norm')
     """
-    names = config.modules_to_save or ()
-    found: list[Path] = []
-    flat = tree.flatten(params)
-    modules = sorted({path[:i] for path in flat for i in range(1, len(path))})
-    for path in modules:
-        key = ".".join(path)
-        if any(key == n or key.endswith("." + n) for n in names) and not any(path[: len(f)] == f for f in found):
-            found.append(path)
-    if names and not found:  # as PEFT, names that match nothing are skipped while another one matches
+    names = tuple(names or ())
+    keys = list(keys)
+    picked = [k for k in keys if any(k.endswith(n) for n in names)]
+    found = tuple(k for k in picked if not any(k.startswith(p + ".") for p in picked))
+    if strict and names and not found:
         raise ValueError(
-            f"modules_to_save {list(names)} not found in the model's params; top-level modules are "
-            f"{sorted({p[0] for p in flat})}."
+            f"modules_to_save {list(names)} not found in the model: no module path ends with one of them. Its "
+            f"top-level modules are {sorted({k.split('.')[0] for k in keys})}."
         )
-    return tuple(found)
+    return found
+
+
+def find_modules_to_save(config: MissConfig, params: Mapping) -> tuple[Path, ...]:
+    """Module paths (param subtrees) that `config.modules_to_save` selects (`match_modules_to_save`);
+    ValueError if it names modules and selects none."""
+    modules = {".".join(p[:i]): p[:i] for p in tree.flatten(params) for i in range(1, len(p))}
+    found = match_modules_to_save(config.modules_to_save, sorted(modules, key=modules.get), strict=True)
+    return tuple(modules[k] for k in found)
 
 
 def find_bias_paths(

@@ -43,6 +43,141 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+NEG = float(jnp.finfo(jnp.float32).min)  # added to masked scores, as transformers
+
+
+def _key_range(start: int, block: int, s: int, causal: bool, window: Optional[int]) -> tuple[int, int]:
+    """The keys `[lo, hi)` that queries `start .. start+block-1` may see (the rest are masked anyway)."""
+    hi = min(start + block, s) if causal else s
+    lo = max(0, start - window) if window is not None else 0
+    return lo, max(hi, lo + 1)
+
+
+def _block_scores(q: jax.Array, k: jax.Array, key_ok: jax.Array, start: int, lo: int, causal: bool,
+                  window: Optional[int]) -> jax.Array:
+    """Masked float32 scores `(B, Hkv, G, block, hi-lo)` of query block `q` `(B, Hkv, G, block, D)` against
+    keys `k` `(B, Hkv, hi-lo, D)` (sequence indices from `lo`); `key_ok` `(B, hi-lo)` bool."""
+    rows = start + jnp.arange(q.shape[3])[:, None]
+    cols = lo + jnp.arange(k.shape[2])[None, :]
+    allowed = jnp.ones((q.shape[3], k.shape[2]), bool)
+    if causal:
+        allowed &= cols <= rows
+    if window is not None:
+        allowed &= rows - cols <= window
+    allowed = allowed[None, None, None] & key_ok[:, None, None, None, :]
+    return jnp.where(allowed, _matmul(q, k, "bhqd,bhkd->bhqk"), NEG)  # = scores + NEG where masked, in float32
+
+
+def _matmul(x: jax.Array, y: jax.Array, spec: str) -> jax.Array:
+    """A float32 `einsum(spec)` of a block tensor `x` `(B, Hkv, G, block, n)` with `y` `(B, Hkv, m, p)`, the
+    group and query axes folded into one (one batched matmul per key/value head). Returns `(B, Hkv, G,
+    block, out)`."""
+    b, h, g, q = x.shape[:4]
+    out = jnp.einsum(spec, x.reshape(b, h, g * q, -1), y, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, g, q, -1)
+
+
+def _contract_rows(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x^T y` over the group and query axes: `(B, Hkv, G, block, k)`, `(B, Hkv, G, block, d)` -> float32
+    `(B, Hkv, k, d)`."""
+    b, h, g, q = x.shape[:4]
+    return jnp.einsum("bhqk,bhqd->bhkd", x.reshape(b, h, g * q, -1), y.reshape(b, h, g * q, -1),
+                      preferred_element_type=jnp.float32)
+
+
+def _after(x: jax.Array, previous: Optional[jax.Array]) -> jax.Array:
+    """`x`, made to depend on one element of `previous` (the previous block's result), so that XLA runs the
+    blocks one after the other and reuses their buffers (XLA:CPU drops optimisation barriers and otherwise
+    schedules every block's `(B, H, block, keys)` scores at once)."""
+    if previous is None:
+        return x
+    return x + (previous.ravel()[0] * 0).astype(x.dtype)
+
+
+def _dropout(rng: Optional[jax.Array], rate: float, index: int, shape: tuple[int, int]) -> Optional[jax.Array]:
+    """Block `index`'s dropout multiplier `(block, keys)` (kept / keep_prob), or None without dropout."""
+    if rng is None or rate == 0.0:
+        return None
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, key_ok: jax.Array, rng: Optional[jax.Array], causal: bool,
+           window: Optional[int], block: int, rate: float, out_dtype: Any) -> jax.Array:
+    return _flash_forward(q, k, v, key_ok, rng, causal, window, block, rate, out_dtype)[0]
+
+
+def _flash_forward(q, k, v, key_ok, rng, causal, window, block, rate, out_dtype):
+    """Forward over query blocks: `q` `(B, Hkv, G, T, D)` (scaled), `k`/`v` `(B, Hkv, S, D)`. Keeps the output
+    and the softmax's log-sum-exp `(B, Hkv, G, T, 1)` for the backward, nothing of size `T x S`.
+
+    A query with no visible key (left padding) gets, as in transformers, equal weights on all `S` keys: the
+    mean of `v` (without dropout); its log-sum-exp is recorded as `+inf`, which the backward reads."""
+    t, s = q.shape[3], k.shape[2]
+    v_mean = v.astype(jnp.float32).mean(2, keepdims=True)[:, :, None]  # (B, Hkv, 1, 1, D)
+    outs, lses = [], []
+    for i, start in enumerate(range(0, t, block)):
+        lo, hi = _key_range(start, block, s, causal, window)
+        qb = _after(q[:, :, :, start:start + block], outs[-1] if outs else None)
+        scores = _block_scores(qb, k[:, :, lo:hi], key_ok[:, lo:hi], start, lo, causal, window)
+        m = scores.max(-1, keepdims=True)
+        p = jnp.exp(scores - m)
+        total = p.sum(-1, keepdims=True)
+        drop = _dropout(rng, rate, i, p.shape[-2:])
+        if drop is not None:
+            p = p * drop
+        dead = m <= NEG / 2  # every visible key masked
+        o = _matmul(p.astype(v.dtype), v[:, :, lo:hi], "bhqk,bhkd->bhqd") / total
+        outs.append(jnp.where(dead, v_mean, o).astype(out_dtype))
+        lses.append(jnp.where(dead, jnp.inf, m + jnp.log(total)))
+    out = jnp.concatenate(outs, 3)
+    return out, (q, k, v, key_ok, rng, out, jnp.concatenate(lses, 3))
+
+
+def _flash_backward(causal, window, block, rate, out_dtype, res, d_out):
+    """Recomputes each block's weights from the log-sum-exp: `P = exp(scores - lse)`, and accumulates
+    `dV = P'^T dO`, `dS = P * (dO V^T * drop - rowsum(dO * O))`, `dQ = dS K`, `dK = dS^T Q` (`P'`: dropped).
+
+    Queries with no visible key (`lse = +inf`, so `P = 0` in the blocks) had weights `1/S` on every key;
+    their terms are closed-form `(D, D)` products: with `V0 = V - mean(V)`, `dV += sum(dO) / S`,
+    `dQ = dO (K^T V0 / S)^T`, `dK = V0 (Q^T dO)^T / S` (sums over those queries)."""
+    # the barrier keeps XLA from computing the recomputed scores with (or instead of) the forward's
+    q, k, v, key_ok, out, lse, d_out = jax.lax.optimization_barrier(res[:4] + res[5:] + (d_out,))
+    rng = res[4]
+    t, s = q.shape[3], k.shape[2]
+    d_out = d_out.astype(jnp.float32)
+    delta = (d_out * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    dead = jnp.isinf(lse)  # (B, Hkv, G, T, 1)
+    d_dead = jnp.where(dead, d_out, 0.0)
+    v0 = v.astype(jnp.float32) - v.astype(jnp.float32).mean(2, keepdims=True)  # (B, Hkv, S, D)
+    kv = jnp.einsum("bhsi,bhsj->bhij", k.astype(jnp.float32), v0) / s
+    qd = jnp.einsum("bhgti,bhgtj->bhij", q.astype(jnp.float32), d_dead) / s
+    dq_dead = jnp.einsum("bhij,bhgtj->bhgti", kv, d_dead)
+    dk = jnp.einsum("bhsj,bhij->bhsi", v0, qd)
+    dv = jnp.broadcast_to(d_dead.sum((2, 3))[:, :, None] / s, v.shape)
+    dqs = []
+    for i, start in enumerate(range(0, t, block)):
+        lo, hi = _key_range(start, block, s, causal, window)
+        qb, kb, vb = _after(q[:, :, :, start:start + block], dqs[-1] if dqs else None), k[:, :, lo:hi], v[:, :, lo:hi]
+        rows = slice(start, start + block)
+        p = jnp.exp(_block_scores(qb, kb, key_ok[:, lo:hi], start, lo, causal, window) - lse[:, :, :, rows])
+        drop = _dropout(rng, rate, i, p.shape[-2:])
+        dob = d_out[:, :, :, rows]
+        dv = dv.at[:, :, lo:hi].add(_contract_rows(p if drop is None else p * drop, dob))
+        dp = _matmul(dob, vb, "bhqd,bhkd->bhqk")
+        ds = p * ((dp if drop is None else dp * drop) - delta[:, :, :, rows])
+        dqs.append(_matmul(ds, kb, "bhqk,bhkd->bhqd"))
+        dk = dk.at[:, :, lo:hi].add(_contract_rows(ds, qb))
+    d_key_ok = np.zeros(key_ok.shape, jax.dtypes.float0)
+    d_rng = None if rng is None else np.zeros(rng.shape, jax.dtypes.float0)
+    return ((jnp.concatenate(dqs, 3) + dq_dead).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_key_ok, d_rng)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
 
 
 def blockwise_attention(
@@ -53,11 +188,11 @@ def blockwise_attention(
     *,
     causal: bool = True,
     window: Optional[int] = None,
-    block_size: int = 512,
+    block_size: int = 256,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """Scaled dot-product attention computed one block of `block_size` queries at a time.
+    """Scaled dot-product attention computed one block of `block_size` queries at a time (flash style).
 
     Args:
       query: `(B, T, Hq, D)`; key, value: `(B, S, Hkv, D)` with `Hq % Hkv == 0` (query head `h` uses
@@ -66,45 +201,28 @@ def blockwise_attention(
       key_mask: `(B, S)`, nonzero where a key may be attended to (None: all).
       causal: query `i` sees keys `j <= i`.
       window: also `i - j <= window` (None: no window).
-      block_size: queries per block; the largest transient is `(B, Hq, block_size, S)` float32.
+      block_size: queries per block; the largest transient is `(B, Hq, block_size, keys)` float32, where
+        `keys` is the span the block's queries can see (causal: up to the block's end; window: from
+        `window` keys before its start), so a causal model computes about half of the `T x S` scores.
       dropout_rate, dropout_rng: attention dropout on the weights (broadcast over batch and heads).
 
     Returns `(B, T, Hq, D)` in `value`'s dtype. Scores are `query / sqrt(D) @ key^T` in float32 plus
-    `finfo(float32).min` where masked, then softmax, as `flax.linen.dot_product_attention_weights`.
-    The block body is rematerialised: the backward pass recomputes each block's weights.
+    `finfo(float32).min` where masked, then softmax, as `flax.linen.dot_product_attention_weights`. The
+    backward pass (a `jax.custom_vjp`) recomputes each block's weights from the saved log-sum-exp, so
+    nothing of size `T x S` is kept between the forward and the backward.
     """
     b, t, hq, d = query.shape
     s, hkv = key.shape[1], key.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads evenly.")
     groups = hq // hkv
-    n_blocks = -(-t // block_size)
     query = query / jnp.sqrt(d).astype(query.dtype)
-    query = jnp.pad(query, ((0, 0), (0, n_blocks * block_size - t), (0, 0), (0, 0)))
-    # (n_blocks, B, block, Hkv, groups, D)
-    blocks = query.reshape(b, n_blocks, block_size, hkv, groups, d).swapaxes(0, 1)
-    keys_allowed = jnp.ones((b, s), bool) if key_mask is None else key_mask != 0
-    big_neg = jnp.finfo(jnp.float32).min
-    keep_prob = 1.0 - dropout_rate
-
-    def one_block(q_block: jax.Array, index: jax.Array) -> jax.Array:
-        rows = index * block_size + jnp.arange(block_size)[:, None]  # (block, 1) query indices
-        cols = jnp.arange(s)[None, :]  # (1, S) key indices
-        allowed = jnp.ones((block_size, s), bool)
-        if causal:
-            allowed &= cols <= rows
-        if window is not None:
-            allowed &= rows - cols <= window
-        allowed = allowed[None, None, None] & keys_allowed[:, None, None, None, :]  # (B, 1, 1, block, S)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, key, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores + jnp.where(allowed, 0.0, big_neg), axis=-1)
-        if dropout_rate > 0.0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, index), keep_prob, (block_size, s))
-            weights = weights * (keep.astype(weights.dtype) / keep_prob)
-        return jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(value.dtype), value)
-
-    out = jax.lax.map(lambda xs: jax.checkpoint(one_block, prevent_cse=False)(*xs), (blocks, jnp.arange(n_blocks)))
-    return out.swapaxes(0, 1).reshape(b, n_blocks * block_size, hq, d)[:, :t]
+    q = query.reshape(b, t, hkv, groups, d).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
+    key_ok = jnp.ones((b, s), bool) if key_mask is None else key_mask != 0
+    rng = dropout_rng if dropout_rate > 0.0 else None
+    out = _flash(q, k, v, key_ok, rng, causal, window, block_size, float(dropout_rate), value.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
 # --------------------------------------------------------------------------- families
@@ -234,7 +352,7 @@ _plain = _Plain()
 
 
 @contextlib.contextmanager
-def memory_efficient_attention(block_size: int = 512) -> Iterator[None]:
+def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
     """Within this context, the self-attention of the modules in `FAMILIES` traced in a Linen call runs
     `blockwise_attention` with `block_size` queries per block (see the module docstring for the
     fallbacks). Enter it around the code that traces the forward, as `remat.checkpointing`.

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import linen
+from . import linen, programs
 from .adapters import Plan
 
 PyTree = Any
@@ -179,13 +179,13 @@ def _as_ids(input_ids: Any) -> jax.Array:
 
 
 def _check_lengths(model: Any, input_ids: jax.Array, kwargs: Mapping[str, Any]) -> None:
-    """The decoded sequence must be longer than its prompt and fit the model's position table.
+    """The decoded sequence must be longer than its prompt and fit the model's positions
+    (`programs.max_positions`, the rule the forward checks too).
 
     transformers only logs a warning for a prompt as long as `max_length`, then decodes garbage or never
-    stops; a position past `max_position_embeddings` silently reuses the last position.
+    stops; a position past the model's position table is read silently (garbage, not an error).
     """
-    config = model.config
-    if config.is_encoder_decoder:
+    if model.config.is_encoder_decoder:
         decoder_ids = kwargs.get("decoder_input_ids")
         prompt, what = (1, "the decoder start token") if decoder_ids is None else (
             np.shape(decoder_ids)[-1], "decoder_input_ids")
@@ -197,12 +197,14 @@ def _check_lengths(model: Any, input_ids: jax.Array, kwargs: Mapping[str, Any]) 
             f"{what} has {prompt} tokens but max_length is {max_length}, which leaves no token to generate: pass "
             f"max_new_tokens=N (the number of tokens to add), or a max_length larger than {prompt}."
         )
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = programs.max_positions(model)
     longest = max(max_length, input_ids.shape[1])
     if limit is not None and longest > limit:
+        encoder = f"; the encoder's input_ids have {input_ids.shape[1]} tokens" if what != "input_ids" else ""
         raise ValueError(
-            f"Generation needs {longest} positions but {type(model).__name__} has max_position_embeddings={limit}: "
-            f"lower max_new_tokens/max_length, or shorten the prompt, so that at most {limit} positions are used."
+            f"Generation needs {longest} positions but this {type(model).__name__} has {limit}: {what} has "
+            f"{prompt} tokens and max_length is {max_length} (max_new_tokens={max_length - prompt}){encoder}. Lower "
+            f"max_new_tokens/max_length, or shorten the prompt, so that at most {limit} positions are used."
         )
 
 
@@ -215,6 +217,7 @@ def _max_length(model: Any, prompt: int, kwargs: Mapping[str, Any]) -> int:
     default = type(config)().max_length  # transformers' default GenerationConfig
     if kwargs.get("max_length") is None or config.max_length != default:
         return config.max_length
-    # an explicit max_length equal to the default (20) is widened by the prompt, as transformers does
+    # an explicit max_length equal to the default (20) is widened by the prompt, as transformers does (capped by
+    # the config's max_position_embeddings, its own rule; `_check_lengths` then checks `programs.max_positions`)
     limit = getattr(model.config, "max_position_embeddings", None)
     return min(default + prompt, limit) if limit is not None else default + prompt

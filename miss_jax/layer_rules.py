@@ -16,8 +16,10 @@ the torch model orders it; tunix's `o_proj` (`'BTNH,NHD->BTD'`) has `in_axes=(0,
 
 Built-in rules: `nnx.Linear` (`(in, out)`), `nnx.LinearGeneral` (contracting the input's trailing
 axes, no `batch_axis`), `nnx.Einsum`, and a Linen `nn.Dense` / `nn.DenseGeneral` wrapped by
-`nnx.bridge.ToNNX` (same rules). Einsum-style modules of other libraries are declared with
-`register(cls, rule)`; `einsum_rule` derives a rule from an einsum string.
+`nnx.bridge.ToNNX` (same rules). The Linen transform adapts `nn.DenseGeneral` through the same rule
+(`dense_general_rule`), so both paths flatten a kernel to torch's weight one way. Einsum-style modules
+of other libraries are declared with `register(cls, rule)`; `einsum_rule` derives a rule from an
+einsum string.
 
 >>> rule = einsum_rule("BTD,DNH->BTNH", kernel="w")
 >>> rule.in_axes, rule.out_axes, rule.sizes((8, 2, 4))
@@ -141,16 +143,36 @@ def _linear_general(module: nnx.LinearGeneral) -> KernelRule:
     return KernelRule("kernel", tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), "bias")
 
 
+def dense_general_rule(module: nn.DenseGeneral, input_ndim: Optional[int] = None) -> KernelRule:
+    """The rule of a Linen `nn.DenseGeneral`: kernel `(*in_dims, *features)`, in axes first, out axes last.
+
+    MiSS adapts those that contract the input's last axes in order (`axis=(-n, ..., -1)`; with
+    `input_ndim`, non-negative axes are read against an input of that many axes) and have no
+    `batch_dims`; ValueError naming the fix otherwise. The Linen transform and `nnx.bridge.ToNNX` use it.
+
+    >>> dense_general_rule(nn.DenseGeneral(features=8, axis=(-2, -1)))
+    KernelRule(kernel='kernel', in_axes=(0, 1), out_axes=(2,), bias='bias')
+    """
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    if input_ndim is not None:
+        axis = tuple(a % input_ndim - input_ndim for a in axis)
+    n_in = len(axis)
+    n_out = len(module.features) if isinstance(module.features, tuple) else 1
+    if module.batch_dims or tuple(axis) != tuple(range(-n_in, 0)):
+        raise ValueError(
+            f"nn.DenseGeneral with axis={module.axis}, batch_dims={module.batch_dims}: MiSS adapts DenseGeneral "
+            f"layers that contract the input's last axes in order (axis={tuple(range(-n_in, 0))}) with no "
+            "batch_dims (a batched kernel is not one linear map). Leave this layer out of target_modules."
+        )
+    return KernelRule("kernel", tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), "bias")
+
+
 def _bridged(module: nnx.bridge.ToNNX) -> KernelRule:
     linen = module.module
     if isinstance(linen, nn.Dense):
         return KernelRule()
-    if isinstance(linen, nn.DenseGeneral) and not linen.batch_dims:
-        n_in = len(linen.axis) if isinstance(linen.axis, tuple) else 1
-        axis = linen.axis if isinstance(linen.axis, tuple) else (linen.axis,)
-        n_out = len(linen.features) if isinstance(linen.features, tuple) else 1
-        if tuple(axis) == tuple(range(-n_in, 0)):
-            return KernelRule("kernel", tuple(range(n_in)), tuple(range(n_in, n_in + n_out)), "bias")
+    if isinstance(linen, nn.DenseGeneral):
+        return dense_general_rule(linen)
     raise ValueError(
         f"This nnx.bridge.ToNNX wraps a Linen {type(linen).__name__}: MiSS adapts bridged nn.Dense and "
         "nn.DenseGeneral (contracting the input's last axes, no batch_dims)."

@@ -1,4 +1,4 @@
-"""The Linen transform: MiSS on the Dense layers of any Linen model, without editing its code.
+"""The Linen transform: MiSS on the Dense / DenseGeneral layers of any Linen model, without editing its code.
 
 Two mechanisms, both thin users of `ops` (docs/DESIGN.md §3):
   * additive adapters (balance / mini) add `fold_input(x) @ D` to a layer's output through a
@@ -42,12 +42,14 @@ def overlay(plan: Plan, params: Mapping, adapter_params: Mapping) -> dict:
             continue
         for layer in spec.layers:
             k = layer.path + ("kernel",)
-            flat[k] = spec.variant.merge(flat[k], adapters.block(adapter_params, name, layer), layer.layout)
+            block = adapters.block(adapter_params, name, layer)
+            flat[k] = layer.kernel(spec.variant.merge(layer.matrix(flat[k]), block, layer.layout))
     return tree.unflatten(flat)
 
 
 def additive_terms(plan: Plan, adapter_params: Mapping) -> dict[Path, list[tuple[AdapterSpec, jax.Array]]]:
-    """For each layer path, the (spec, `(r, out)` block) pairs of the applied additive adapters."""
+    """For each layer path, the (spec, `(r, out)` block) pairs of the applied additive adapters (`out` is
+    the layer's flattened `out_features`)."""
     terms: dict[Path, list[tuple[AdapterSpec, jax.Array]]] = {}
     for name in plan.active:
         spec = plan.spec(name)
@@ -64,13 +66,18 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
     """Within this context, every Linen call of an adapted layer adds its balance/mini terms.
 
     Dropout (`miss_dropout`) applies to the layer input on the adapter path only, in training only,
-    with the `"dropout"` rng stream the caller passed to `apply`.
+    with the `"dropout"` rng stream the caller passed to `apply`. A layer contracting several input axes
+    (`nn.DenseGeneral`) gets its term on its input flattened to `(..., in)`, unflattened to its output axes.
     """
     terms = additive_terms(plan, adapter_params)
-    # Layers whose (bat-adapted) kernel the forward differentiates run on a 2-D view of their input: the
-    # kernel gradient is then a plain (T, in)^T @ (T, out) matmul, where for 3-D operands XLA:CPU first
-    # transposes copies of both.
-    flat_input = {layer.path for n in plan.active if not plan.spec(n).variant.additive for layer in plan.spec(n).layers}
+    layers = {layer.path: layer for n in plan.active for layer in plan.spec(n).layers}
+    # Layers with a 2-D kernel whose (bat-adapted) kernel the forward differentiates run on a 2-D view of
+    # their input: the kernel gradient is then a plain (T, in)^T @ (T, out) matmul, where for 3-D operands
+    # XLA:CPU first transposes copies of both. (A DenseGeneral's `axis` may count from the input's front.)
+    flat_input = {
+        layer.path for n in plan.active if not plan.spec(n).variant.additive
+        for layer in plan.spec(n).layers if layer.rule is None
+    }
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__" or not args:
@@ -84,13 +91,14 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
         entries = terms.get(context.module.path)
         if not entries:
             return out
+        layer = layers[context.module.path]
         delta = None
         for spec, block in entries:
             rate = 0.0 if deterministic else spec.config.miss_dropout
             xi = ops.dropout(x, rate, context.module.make_rng("dropout") if rate else None)
-            term = ops.balance_output(xi, block)
+            term = ops.balance_output(layer.flatten_input(xi), block)
             delta = term if delta is None else delta + term
-        return (out.astype(delta.dtype) + delta).astype(out.dtype)
+        return (out.astype(delta.dtype) + layer.unflatten_output(delta)).astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
         yield
@@ -140,7 +148,8 @@ def merge(
         fn = spec.variant.merge if sign > 0 else spec.variant.unmerge
         for layer in spec.layers:
             k = layer.path + ("kernel",)
-            flat[k] = fn(flat[k], adapters.block(adapter_params, spec.name, layer), layer.layout)
+            block = adapters.block(adapter_params, spec.name, layer)
+            flat[k] = layer.kernel(fn(layer.matrix(flat[k]), block, layer.layout))
     return tree.unflatten(flat)
 
 

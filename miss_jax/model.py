@@ -32,6 +32,11 @@ from .targeting import Layer, resolve_targets, select
 from .tree import Path
 
 PyTree = Any
+# PEFT's parameter names (`MissModel.named_parameters`)
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (the tuner), whose .model is the wrapped model
+PEFT_BASE_LAYER = "base_layer"  # the layer a MiSS layer wraps
+PEFT_ORIGINAL_MODULE = "original_module"  # the untouched module beside its modules_to_save copies
+
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
@@ -514,7 +519,7 @@ class MissModel:
         """"eager" (the wrapped model's own attention) or "blockwise" (`set_attn_implementation`)."""
         return "eager" if self.forward_options.attention_block_size is None else "blockwise"
 
-    def set_attn_implementation(self, name: str, block_size: int = 512) -> None:
+    def set_attn_implementation(self, name: str, block_size: int = 256) -> None:
         """Chooses the attention implementation of the forward, train steps and `apply_fn()` made afterwards.
 
         "blockwise" (`miss_jax.attention`) computes causal self-attention `block_size` queries at a time and
@@ -554,23 +559,46 @@ class MissModel:
         return self.base_model.config
 
     def named_parameters(self) -> Iterator[tuple[str, jax.Array]]:
-        """Every param, `(dotted name, array)`, in PEFT's arrangement with Flax leaf names: the base params
-        under `base_model.<path>`, then each adapter's `<layer>.miss_block.<adapter>`, its module copies
-        `<module>.modules_to_save.<adapter>.<leaf>` and the trained biases `<layer>.bias`. JAX arrays have no
-        `requires_grad`: `trainable_params()` is the trainable part, `get_model_status().requires_grad`
-        says which adapters train."""
+        """Every param once, `(dotted name, array)`, named as PEFT's `PeftModel.named_parameters()` names the
+        torch twin's, except that leaves keep their Flax names (the arrays keep Flax layouts):
+
+        * `base_model.model.<module path>.<leaf>`: a base param (module paths are the torch module paths,
+          docs/DESIGN.md §5); `kernel`, `embedding` and a norm's `scale` are torch's `weight`;
+        * `...<layer>.base_layer.<leaf>`: a param of a layer some adapter of the model adapts;
+        * `...<layer>.miss_block.<adapter>`: each adapter's block, after its layer's params;
+        * `...<module>.original_module.<...>.<leaf>`: the base params of a `modules_to_save` module, followed
+          by each adapter's copy `...<module>.modules_to_save.<adapter>.<...>.<leaf>`;
+        * a trained bias (`bias="all"` / `"MiSS_only"`) once, under its base name, with the trained value
+          the forward uses.
+
+        Base params come in the order of `params`, each layer's or module's adapter params right after it.
+        JAX arrays have no `requires_grad`: `trainable_params()` holds the trainable ones (the very arrays
+        listed here), and `get_model_status().requires_grad` says which adapters train.
+        """
+        layers = {layer.path for spec in self._specs.values() for layer in spec.layers}
+        saved = sorted({m for spec in self._specs.values() for m in spec.saved_modules}, key=len)  # outermost first
+        trained_biases = tree.flatten(self.adapter_params[adapters.BIAS])
+        rows: dict[Path, list[tuple[Path, jax.Array]]] = {}  # owner module -> its (name, value), in order
         for path, value in tree.flatten(self.params).items():
-            yield "base_model." + ".".join(path), value
-        for path, value in tree.flatten(self.adapter_params).items():
-            ref = adapters.locate(path)
-            if ref.group == adapters.MISS:
-                name = (*ref.module, ref.leaf, ref.adapter)
-            elif ref.group == adapters.MODULES_TO_SAVE:
-                prefix = next(m for m in self._specs[ref.adapter].saved_modules if ref.module[: len(m)] == m)
-                name = (*prefix, ref.group, ref.adapter, *ref.module[len(prefix):], ref.leaf)
+            module, leaf = path[:-1], path[-1]
+            copied = next((m for m in saved if module[: len(m)] == m), None)
+            if copied is not None:
+                owner, name = copied, (*copied, PEFT_ORIGINAL_MODULE, *path[len(copied):])
+            elif module in layers:
+                owner, name = module, (*module, PEFT_BASE_LAYER, leaf)
             else:
-                name = (*ref.module, ref.leaf)
-            yield ".".join(name), value
+                owner, name = module, path
+            rows.setdefault(owner, []).append((name, trained_biases.get(path, value)))
+        for (adapter, *module, leaf), value in tree.flatten(self.adapter_params[adapters.MISS]).items():
+            rows.setdefault(tuple(module), []).append(((*module, leaf, adapter), value))
+        for adapter, copies in self.adapter_params[adapters.MODULES_TO_SAVE].items():
+            for path, value in tree.flatten(copies).items():
+                copied = next(m for m in self._specs[adapter].saved_modules if path[: len(m)] == m)
+                name = (*copied, adapters.MODULES_TO_SAVE, adapter, *path[len(copied):])
+                rows.setdefault(copied, []).append((name, value))
+        for entries in rows.values():
+            for name, value in entries:
+                yield PEFT_PREFIX + ".".join(name), value
 
     def parameters(self) -> Iterator[jax.Array]:
         """Every param array (`named_parameters()` without the names)."""

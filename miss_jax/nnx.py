@@ -60,7 +60,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import adapters, ops
@@ -80,29 +80,30 @@ class MissParam(nnx.Param):
 def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant, block: jax.Array) -> MissParam:
     """`block` as a `MissParam` sharded like `kernel`'s `out` axis (the block axis `variant.out_axis` names).
 
-    The kernel's `out_sharding` annotation (and the mesh of its array, if it is sharded) carry over when the
-    kernel's `out` is sharded along its first `out` axis only, and the block's axis divides over those mesh
-    axes; otherwise the block is replicated. A bat block along `out // r` lines up with the kernel's
-    shards whenever it divides: each shard holds whole `r`-row blocks.
+    The kernel's partitioning is its `out_sharding` annotation, else the spec of its array if that is sharded
+    on a mesh. The block's `out` axis takes the kernel's entry when the kernel's `out` is sharded along its
+    first `out` axis only and the block's axis is known to divide over those mesh axes: on the mesh of the
+    kernel's array, else on the current abstract mesh (`jax.set_mesh`); otherwise the block is replicated,
+    also when no mesh is known (`ops.Variant.partition`). A block is placed on the kernel's mesh when the
+    kernel's array is. A bat block along `out // r` lines up with the kernel's shards whenever it divides:
+    each shard holds whole `r`-row blocks.
     """
     names = kernel.get_metadata().get("out_sharding")
     value = kernel.get_value()
-    mesh = value.sharding.mesh if isinstance(getattr(value, "sharding", None), NamedSharding) else None
+    sharding = getattr(value, "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh) else None
     if names is None and mesh is not None:
-        names = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
+        names = sharding.spec
     if names is None:
         return MissParam(block)
-    axis, size = variant.out_axis(block.shape)
+    names = tuple(names) + (None,) * (value.ndim - len(names))
+    abstract = jax.sharding.get_abstract_mesh()
+    mesh_shape = mesh.shape if mesh is not None else None if abstract.empty else abstract.shape
     first, *rest = (names[a] for a in rule.out_axes)
-    spec: list[Any] = [None] * block.ndim
-    if first is not None and all(r is None for r in rest):
-        mesh_axes = first if isinstance(first, tuple) else (first,)
-        shards = math.prod(mesh.shape[a] for a in mesh_axes) if mesh is not None else 1
-        if size % shards == 0:
-            spec[axis] = first
+    spec = variant.partition(block.shape, first if all(r is None for r in rest) else None, mesh_shape)
     if mesh is not None:
         block = jax.device_put(block, NamedSharding(mesh, P(*spec)))
-    return MissParam(block, out_sharding=tuple(spec), eager_sharding=False)
+    return MissParam(block, out_sharding=spec, eager_sharding=False)
 
 
 class MissLinear(nnx.Module):
@@ -496,12 +497,14 @@ def merge_and_unload(model: M, safe_merge: bool = False) -> M:
 @dataclasses.dataclass(frozen=True)
 class AdapterState:
     """One adapter of a `MissNnxModel`: its config (targets resolved), the keys of its layers, of its saved
-    modules and of the layers whose bias it trains."""
+    modules and of the layers whose bias it trains, and whether it trains (`trainable`, PEFT's
+    `requires_grad`; False in inference mode: loaded with `is_trainable=False`, or frozen)."""
 
     config: MissConfig
     layers: tuple[str, ...]
     saved: tuple[str, ...] = ()
     biases: tuple[str, ...] = ()
+    trainable: bool = True
 
 
 class MissNnxModel(nnx.Module):
@@ -512,7 +515,7 @@ class MissNnxModel(nnx.Module):
       optimizer = nnx.Optimizer(peft_model, optax.adamw(1e-3), wrt=peft_model.trainable)
       grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, peft_model.trainable))(peft_model)
 
-    (`trainable` is a snapshot: take it again after `set_adapter`).
+    (`trainable` is a snapshot: take it again after `set_adapter` or `set_requires_grad`).
 
     Args:
       model: the NNX model (changed in place).
@@ -521,6 +524,8 @@ class MissNnxModel(nnx.Module):
       rngs: for random inits and dropout (default `nnx.Rngs(0)`).
       param_dtype: the blocks' dtype (default float32, as PEFT); copies and biases keep their own.
       layers: the layers to adapt (e.g. those a PEFT folder names), instead of matching `config`'s targets.
+      saved: the keys of the modules to save (e.g. those a PEFT folder holds), instead of matching
+        `config.modules_to_save`.
     """
 
     def __init__(
@@ -531,13 +536,14 @@ class MissNnxModel(nnx.Module):
         rngs: Optional[nnx.Rngs] = None,
         param_dtype: Any = jnp.float32,
         layers: Optional[Sequence[Layer]] = None,
+        saved: Optional[Sequence[str]] = None,
     ):
         self.base_model = model
         self.adapters: dict[str, AdapterState] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.disabled = False
         self.rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.add_adapter(adapter_name, config, param_dtype=param_dtype, layers=layers)
+        self.add_adapter(adapter_name, config, param_dtype=param_dtype, layers=layers, saved=saved)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
@@ -575,10 +581,13 @@ class MissNnxModel(nnx.Module):
         config: MissConfig,
         param_dtype: Any = jnp.float32,
         layers: Optional[Sequence[Layer]] = None,
+        saved: Optional[Sequence[str]] = None,
     ) -> None:
-        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`).
+        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`); as PEFT, one added
+        with `config.inference_mode` is frozen (`frozen_adapters`).
 
-        `layers` (e.g. those a PEFT folder names) replaces the matching of `config`'s targets. Raises
+        `layers` (e.g. those a PEFT folder names) replaces the matching of `config`'s targets, `saved` (module
+        keys) that of its `modules_to_save` (PEFT's rule, `adapters.match_modules_to_save`). Raises
         ValueError, changing nothing, on any target, shape or module that does not fit.
         """
         if not isinstance(config, MissConfig):
@@ -589,7 +598,13 @@ class MissNnxModel(nnx.Module):
         if layers is None:
             config, layers = select_layers(model, config)
         modules = {key_of(p): (p, n) for p, n in _modules(model).items()}
-        saved = self._find_saved(config, modules)
+        if saved is None:
+            saved = adapters.match_modules_to_save(config.modules_to_save, modules, strict=True)
+        saved = tuple(saved)
+        unknown = [k for k in saved if k not in modules]
+        if unknown:
+            raise ValueError(f"saved names {unknown}, which are not modules of the model; pass keys of its modules "
+                             "(those of miss_jax.nnx.discover(model)).")
         inside = [layer.key for layer in layers if any(layer.key.startswith(s + ".") for s in saved)]
         if inside:
             raise ValueError(f"Layers {inside} sit inside modules_to_save {list(saved)}; exclude one or the other.")
@@ -602,25 +617,12 @@ class MissNnxModel(nnx.Module):
             wrapper.modules_to_save[adapter_name] = nnx.clone(wrapper.original_module)
             if node is not wrapper:
                 _replace(model, path, wrapper)
-        self.adapters = {**self.adapters, adapter_name: AdapterState(config, tuple(l.key for l in layers), saved, biases)}
+        state = AdapterState(config, tuple(l.key for l in layers), saved, biases, not config.inference_mode)
+        self.adapters = {**self.adapters, adapter_name: state}
         if not self.active_adapters:
-            self.set_adapter(adapter_name)
+            self.set_adapter(adapter_name, inference_mode=config.inference_mode)
         else:
             self._sync()
-
-    @staticmethod
-    def _find_saved(config: MissConfig, modules: dict[str, tuple[GraphPath, nnx.Module]]) -> tuple[str, ...]:
-        names = config.modules_to_save or ()
-        found: list[str] = []
-        for key in modules:
-            if any(key == n or key.endswith("." + n) for n in names) and not any(key.startswith(f + ".") for f in found):
-                found.append(key)
-        if names and not found:
-            raise ValueError(
-                f"modules_to_save {list(names)} not found in the model; its top-level modules are "
-                f"{sorted({k.split('.')[0] for k in modules})}."
-            )
-        return tuple(found)
 
     @staticmethod
     def _find_biases(
@@ -634,28 +636,65 @@ class MissNnxModel(nnx.Module):
             return tuple(k for k in found if not any(k == s or k.startswith(s + ".") for s in saved))
         return ()
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    @property
+    def frozen_adapters(self) -> tuple[str, ...]:
+        """Adapters in inference mode (PEFT's `requires_grad=False`): loaded with `is_trainable=False`, added
+        with `inference_mode=True`, or frozen by `set_adapter(..., inference_mode=True)` / `set_requires_grad`."""
+        return tuple(n for n, a in self.adapters.items() if not a.trainable)
+
+    def _names(self, adapter_names: Union[str, Sequence[str]]) -> list[str]:
+        """`adapter_names` as a list; ValueError for an unknown or repeated name."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             if n not in self.adapters:
-                raise ValueError(f"Unknown adapter {n!r}; this model has {list(self.adapters)}.")
+                raise adapters.unknown_adapter(n, list(self.adapters))
         if len(set(names)) != len(names):
             raise ValueError(f"Adapter names repeat in {names}.")
-        owners = [n for n in names if self.adapters[n].saved]
-        if len(owners) > 1:
-            raise ValueError(f"Adapters {owners} each have modules_to_save; only one of them can be active at a time.")
+        return names
+
+    def _set_trainable(self, names: Sequence[str], trainable: bool) -> None:
+        """Marks adapters `names` trainable or frozen."""
+        self.adapters = {n: dataclasses.replace(a, trainable=trainable) if n in names else a
+                         for n, a in self.adapters.items()}
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1).
+
+        As in PEFT, adapters active together must save disjoint `modules_to_save` (each `ModulesToSave`
+        then uses the active adapter that has a copy of it), and this makes them trainable, or frozen with
+        `inference_mode=True`. ValueError, changing nothing, for unknown names or overlapping saved modules.
+        """
+        names = self._names(adapter_name)
+        saved = {n: tuple(tuple(k.split(".")) for k in self.adapters[n].saved) for n in names}  # keys as paths
+        adapters.check_saved_modules(adapters.AdapterSpec(n, self.adapters[n].config, (), saved[n]) for n in names)
         self.active_adapters = tuple(names)
+        self._set_trainable(names, not inference_mode)
         self._sync()
 
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Unfreezes (`requires_grad=True`) or freezes (False: inference mode) adapters, as PEFT's; a frozen
+        adapter's blocks, module copies and biases leave `trainable`.
+
+        miss-jax trains active adapters only, so unfreezing an inactive adapter is refused, naming
+        `set_adapter` (PEFT would count it trainable although no forward uses it).
+        """
+        names = self._names(adapter_names)
+        inactive = [n for n in names if n not in self.active_adapters]
+        if requires_grad and inactive:
+            raise ValueError(
+                f"Adapters {inactive} are not active: miss-jax trains active adapters only. Call "
+                f"set_adapter({list(self.active_adapters) + inactive!r}) to activate (and unfreeze) them."
+            )
+        self._set_trainable(names, requires_grad)
+
     def _sync(self) -> None:
-        """Tells every layer and saved module which adapters are active, and whether they are disabled."""
+        """Tells every layer and saved module which adapters are active, and whether they are disabled; a saved
+        module uses the active adapter that has a copy of it (one at most: `set_adapter`)."""
         for layer in miss_layers(self.base_model).values():
             layer.set_adapter(self.active_adapters)
             layer.disabled = self.disabled
-        owner = next((a for a in self.active_adapters if self.adapters[a].saved), None)
         for wrapper in saved_modules(self.base_model).values():
-            wrapper.active = owner if owner in wrapper.modules_to_save else None
+            wrapper.active = next((a for a in self.active_adapters if a in wrapper.modules_to_save), None)
             wrapper.disabled = self.disabled
 
     @contextlib.contextmanager
@@ -677,7 +716,8 @@ class MissNnxModel(nnx.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Deletes an adapter, its blocks and module copies (it must not be merged). Biases it trained keep
-        their values (as in PEFT)."""
+        their values. If it was active, the other active adapters (else the first by name) stay or become
+        active, and trainable (all as in PEFT)."""
         if adapter_name not in self.adapters:
             raise ValueError(f"Unknown adapter {adapter_name!r}; this model has {list(self.adapters)}.")
         if adapter_name in self.merged_adapters:
@@ -699,6 +739,7 @@ class MissNnxModel(nnx.Module):
                 warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
                               f"to {remaining[0]}.")
             self.active_adapters = tuple(remaining)
+            self._set_trainable(remaining, True)  # as PEFT's layers, set_adapter on the remaining ones
         self._sync()
 
     # ------------------------------------------------------------------ merging
@@ -735,21 +776,23 @@ class MissNnxModel(nnx.Module):
 
     def trainable_paths(self) -> frozenset[GraphPath]:
         """Graph paths (from this model) of the variables a train step updates: the active adapters' blocks,
-        their module copies, and the trained biases (the bias of an adapted layer sits in its `base_layer`)."""
+        their module copies, and the trained biases (the bias of an adapted layer sits in its `base_layer`);
+        none of a frozen adapter's (`frozen_adapters`), none while adapters are disabled."""
         if self.disabled:
             return frozenset()
-        active = set(self.active_adapters)
         modules = {key_of(p): p for p in _modules(self.base_model)}
         wanted: set[GraphPath] = set()
-        for name in active:
+        for name in self.active_adapters:
             a = self.adapters[name]
+            if not a.trainable:
+                continue
             for key in a.layers:
                 wanted.add(("base_model",) + modules[key] + ("miss_block", name))
             for key in a.saved:
                 wanted.add(("base_model",) + modules[key] + ("modules_to_save", name))
         nodes = _modules(self.base_model)
         for a in self.adapters.values():
-            for key in a.biases:
+            for key in a.biases if a.trainable else ():
                 leaf = bias_leaf(nodes[modules[key]], key)
                 if leaf is not None:
                     wanted.add(("base_model",) + modules[key] + leaf)
@@ -798,6 +841,7 @@ def get_peft_model(
     rngs: Optional[nnx.Rngs] = None,
     param_dtype: Any = jnp.float32,
     layers: Optional[Sequence[Layer]] = None,
+    saved: Optional[Sequence[str]] = None,
 ) -> MissNnxModel:
     """PEFT's entry point for an NNX model: a `MissNnxModel` around `model` (adapted in place)."""
-    return MissNnxModel(model, config, adapter_name, rngs, param_dtype, layers)
+    return MissNnxModel(model, config, adapter_name, rngs, param_dtype, layers, saved)

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
 Layout = Literal["flax", "torch"]
 Array = jax.Array
+AxisEntry = Union[None, str, tuple[str, ...]]  # a PartitionSpec entry: replicated, one mesh axis or several
 
 
 def _check_layout(layout: str) -> None:
@@ -283,6 +285,27 @@ class Variant:
         """`(axis, size)`: the block axis indexed along the kernel's `out` axis, and its length (a sharded
         kernel's block may be sharded along it when `size` divides over the same mesh axes)."""
         return 1, block_shape[1]
+
+    def partition(
+        self, block_shape: tuple[int, ...], out: AxisEntry, mesh_shape: Optional[Mapping[str, int]]
+    ) -> tuple[AxisEntry, ...]:
+        """A block's partition spec, one entry per axis of `block_shape`, from the spec entry `out` (None, a
+        mesh axis name or a tuple of them) of its kernel's `out` axis on a mesh of axis sizes `mesh_shape`.
+
+        The `out_axis` takes `out` when its length is known to divide over those mesh axes; everything else
+        is replicated (None), also when the mesh is unknown (`mesh_shape` None) or lacks one of the axes.
+
+        >>> bat = variant("bat")
+        >>> bat.partition((8, 4, 4), "model", {"model": 4}), bat.partition((3, 4, 4), "model", {"model": 4})
+        (('model', None, None), (None, None, None))
+        """
+        spec: list[AxisEntry] = [None] * len(block_shape)
+        names = () if out is None else (out,) if isinstance(out, str) else tuple(out)
+        if names and mesh_shape is not None and all(n in mesh_shape for n in names):
+            axis, size = self.out_axis(block_shape)
+            if size % math.prod(mesh_shape[n] for n in names) == 0:
+                spec[axis] = out
+        return tuple(spec)
 
     def unmerge_problem(self, block: Array) -> Optional[str]:
         """Why unmerging `block` would not give the base kernel back (None: it would, up to rounding)."""

@@ -37,7 +37,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import numpy as np
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
-AxisEntry = Union[None, str, tuple[str, ...]]
+AxisEntry = ops.AxisEntry
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -189,13 +189,9 @@ def _kernel_spec(layer: Layer, rules: Rules, mesh: Mesh) -> tuple[AxisEntry, Axi
 def block_spec(variant: str, layer: Layer, r: int, mini_r: int, rules: Rules, mesh: Mesh) -> P:
     """The spec of an adapter block on `layer`: its `ops.Variant.out_axis` follows the kernel's `out` axis
     when its length splits over the same mesh axes, else it is replicated (module docstring)."""
-    out = _kernel_spec(layer, rules, mesh)[1]
     v = ops.variant(variant)
     shape = v.block_shape(layer.in_features, layer.out_features, r, mini_r)
-    axis, size = v.out_axis(shape)
-    spec: list[AxisEntry] = [None] * len(shape)
-    spec[axis] = out if size % axis_size(mesh, out) == 0 else None
-    return P(*spec)
+    return P(*v.partition(shape, _kernel_spec(layer, rules, mesh)[1], mesh.shape))
 
 
 def adapter_specs(

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 
 from .config import ALL_LINEAR, MissConfig
+from .layer_rules import KernelRule, dense_general_rule
 
 # PEFT 0.21's TRANSFORMERS_MODELS_TO_MISS_TARGET_MODULES_MAPPING (a copy of its LoRA table), for the
 # architectures transformers 4.x ships in Flax, plus the ones PEFT lists.
@@ -79,8 +80,9 @@ def _conv1d_class() -> Optional[type]:
 
 
 def kernel_layout(module_type: type) -> Optional[str]:
-    """'flax' for `nn.Dense` (kernel `(in, out)`), 'torch' for GPT-2's `FlaxConv1D` (`(out, in)`), else None."""
-    if issubclass(module_type, nn.Dense):
+    """'flax' for `nn.Dense` (kernel `(in, out)`) and `nn.DenseGeneral` (kernel `(*in_dims, *out_dims)`, whose
+    `layer_rules.KernelRule` flattens it to `(in, out)`), 'torch' for GPT-2's `FlaxConv1D` (`(out, in)`), else None."""
+    if issubclass(module_type, (nn.Dense, nn.DenseGeneral)):
         return "flax"
     conv1d = _conv1d_class()
     if conv1d is not None and issubclass(module_type, conv1d):
@@ -90,7 +92,14 @@ def kernel_layout(module_type: type) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """A module seen in the model. For linear layers `layout`, `in_features`, `out_features` are set."""
+    """A module seen in the model. For linear layers `layout`, `in_features`, `out_features` are set.
+
+    A layer whose kernel is not a 2-D matrix (`nn.DenseGeneral`, e.g. `(d_model, heads, head_dim)`) has its
+    `rule` (`layer_rules.KernelRule`) and `kernel_shape`: `in_features` / `out_features` are the rule's
+    flattened sizes, and the maths runs on the rule's `(in, out)` matrix (`matrix` / `kernel`), which is
+    also the transpose of its torch weight. `refusal` says why a layer that looks linear cannot carry MiSS
+    (e.g. a DenseGeneral with `batch_dims`); such a layer is not linear.
+    """
 
     path: tuple[str, ...]
     type_name: str
@@ -98,6 +107,9 @@ class Layer:
     in_features: int = 0
     out_features: int = 0
     has_bias: bool = False
+    rule: Optional[KernelRule] = None
+    kernel_shape: tuple[int, ...] = ()
+    refusal: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -106,6 +118,40 @@ class Layer:
     @property
     def is_linear(self) -> bool:
         return self.layout is not None
+
+    def matrix(self, kernel: jax.Array) -> jax.Array:
+        """The kernel as the 2-D matrix `ops` works on, in `layout`: `(in, out)` for a rule's kernel
+        `kernel_shape` (flattened row-major over its in and out axes), the kernel itself otherwise."""
+        return kernel if self.rule is None else self.rule.to_matrix(kernel)
+
+    def kernel(self, matrix: jax.Array) -> jax.Array:
+        """`matrix`'s inverse: a 2-D `(in, out)` matrix back to the layer's kernel (`kernel_shape`)."""
+        return matrix if self.rule is None else self.rule.from_matrix(matrix, self.kernel_shape)
+
+    def flatten_input(self, x: jax.Array) -> jax.Array:
+        """The layer's input `(..., *in_dims)` as `(..., in_features)`."""
+        return x if self.rule is None else self.rule.flatten_input(x, self.kernel_shape)
+
+    def unflatten_output(self, y: jax.Array) -> jax.Array:
+        """An `(..., out_features)` output as the layer's `(..., *out_dims)`."""
+        return y if self.rule is None else self.rule.unflatten_output(y, self.kernel_shape)
+
+
+def _linear_layer(module: nn.Module, args: tuple) -> Layer:
+    """The `Layer` of a module of a class `kernel_layout` knows, called on `args` (its params are set)."""
+    layout = kernel_layout(type(module))
+    params = module.variables.get("params", {})
+    shape = tuple(params["kernel"].shape)
+    has_bias = "bias" in params
+    if isinstance(module, nn.DenseGeneral):
+        try:
+            rule = dense_general_rule(module, args[0].ndim if args else None)
+        except ValueError as e:
+            return Layer(module.path, type(module).__name__, refusal=str(e))
+        in_f, out_f = rule.sizes(shape)
+        return Layer(module.path, type(module).__name__, layout, in_f, out_f, has_bias, rule, shape)
+    in_f, out_f = (shape[0], shape[1]) if layout == "flax" else (shape[1], shape[0])
+    return Layer(module.path, type(module).__name__, layout, in_f, out_f, has_bias)
 
 
 def discover(init_fn: Callable[[], Any]) -> dict[str, Layer]:
@@ -123,14 +169,10 @@ def discover(init_fn: Callable[[], Any]) -> dict[str, Layer]:
         key = ".".join(module.path)
         if key in seen:
             return out
-        layout = kernel_layout(type(module))
-        if layout is None:
+        if kernel_layout(type(module)) is None:
             seen[key] = Layer(module.path, type(module).__name__)
-            return out
-        params = module.variables.get("params", {})
-        shape = params["kernel"].shape
-        in_f, out_f = (shape[0], shape[1]) if layout == "flax" else (shape[1], shape[0])
-        seen[key] = Layer(module.path, type(module).__name__, layout, in_f, out_f, "bias" in params)
+        else:
+            seen[key] = _linear_layer(module, args)
         return out
 
     with nn.intercept_methods(record):
@@ -220,12 +262,18 @@ def resolve_targets(config: MissConfig, layers: dict[str, Layer], model_type: Op
 def select(config: MissConfig, layers: dict[str, Layer]) -> tuple[Layer, ...]:
     """The layers `config` adapts, in model order. Raises if a target matches nothing or a non-linear layer."""
     chosen = [layer for key, layer in layers.items() if matches(config, key)]
+    refused = [layer for layer in chosen if layer.refusal]
+    if refused:
+        raise ValueError(
+            f"Cannot adapt {refused[0].key} ({refused[0].type_name}), which target_modules "
+            f"{_shown(config.target_modules)!r} matches: {refused[0].refusal}"
+        )
     wrong = [layer for layer in chosen if not layer.is_linear]
     if wrong:
         listed = ", ".join(f"{w.key} ({w.type_name})" for w in wrong[:5])
         raise ValueError(
-            "Target modules must be linear layers (flax.linen.Dense, flax.nnx.Linear or GPT-2's FlaxConv1D), "
-            f"but these matched: {listed}. Name the Dense layers inside them instead."
+            "Target modules must be linear layers (flax.linen.Dense / DenseGeneral, flax.nnx.Linear or GPT-2's "
+            f"FlaxConv1D), but these matched: {listed}. Name the Dense layers inside them instead."
         )
     if not chosen:
         excluded = sorted(k for k in layers if is_excluded(config, k) and matches(_without_exclusions(config), k))

@@ -182,6 +182,20 @@ def test_convert_to_lora_from_checkpoint_and_from_peft(capsys, folders, tmp_path
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
 
 
+def test_convert_adapter_name_picks_an_adapter_of_a_peft_folder(capsys, folders, tmp_path):
+    """`--adapter-name bat` on a folder saved with adapters `default` (root) and `bat` (sub-folder) exports
+    `bat`: the same LoRA as converting the sub-folder itself."""
+    code, _, err = run(capsys, "convert", folders / "llama-ref", "--to", "lora", "--base", folders / "llama",
+                       "--out", tmp_path / "named", "--adapter-name", "bat", "--rank", "4")
+    assert code == 0, err
+    code, _, err = run(capsys, "convert", folders / "llama-ref" / "bat", "--to", "lora", "--base", folders / "llama",
+                       "--out", tmp_path / "direct", "--rank", "4")
+    assert code == 0, err
+    got, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("named", "direct"))
+    assert sorted(got) == sorted(want) and any(".o_proj.lora_A" in k for k in got)  # bat's layers, not default's
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_inspect_miss_and_bone_folders(capsys, folders):
     code, out, _ = run(capsys, "inspect", folders / "llama-ref")
     assert code == 0
@@ -212,6 +226,16 @@ def test_inspect_miss_and_bone_folders(capsys, folders):
          "no checkpoint step 7"),
         (["convert", "{root}/llama-miss", "--to", "onnx", "--base", "{root}/llama", "--out", "{root}/x"],
          "invalid choice"),
+        (["convert", "{root}/llama-miss", "--to", "lora", "--base", "{root}/llama", "--out", "{root}/x", "--step", "1"],
+         "--step 1 picks a step of an orbax training checkpoint, but"),
+        (["convert", "{root}/ckpt", "--to", "peft", "--base", "{root}/llama", "--out", "{root}/x", "--rank", "4"],
+         "--rank 4 is the rank of a LoRA export (--to lora)"),
+        (["convert", "{root}/llama-ref", "--to", "lora", "--base", "{root}/llama", "--out", "{root}/x",
+          "--adapter-name", "nope"],
+         "it holds ['default', 'bat'] ('default' at its root, the others in sub-folders named after them): pass "
+         "one of them to --adapter-name"),
+        (["convert", "{root}/ckpt", "--to", "lora", "--base", "{root}/llama", "--out", "{root}/x",
+          "--adapter-name", "nope"], "it holds ['default', 'bat']: pass one of them to --adapter-name"),
         ([], "required"),
     ],
 )

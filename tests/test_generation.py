@@ -256,7 +256,8 @@ def bad_calls() -> dict[str, tuple[dict, str]]:
         "prompt_longer_than_max_length": (dict(max_length=5), "max_new_tokens=N"),
         "prompt_as_long_as_max_length": (dict(max_length=8), "max_new_tokens=N"),
         "zero_new_tokens": (dict(max_new_tokens=0), "must be greater than 0"),
-        "past_the_position_table": (dict(max_new_tokens=100), "max_position_embeddings=64"),
+        "past_the_position_table": (dict(max_new_tokens=100), "needs 108 positions .* has 64.* input_ids has 8 "
+                                                              r"tokens .*max_new_tokens=100"),
         "unhashable_option": (dict(max_new_tokens=2, suppress_tokens={3: 4}), "neither an array .* nor hashable"),
     }
 
@@ -269,6 +270,19 @@ def test_bad_input_raises_and_leaves_the_model_unchanged(llama, case: str) -> No
     with pytest.raises(ValueError, match=message):
         model.generate(prompt("llama")[0], **kwargs)
     assert snapshot(model) == before
+
+
+def test_gpt2_past_its_positions_raises_and_leaves_the_model_unchanged() -> None:
+    """GPT-2's limit is its `n_positions` (64 here): the forward's rule (`programs.max_positions`) refuses what
+    its Flax model would decode from positions past its table, and the longest generation that fits runs."""
+    model = get_peft_model(tm.flax_model("gpt2"), MissConfig(r=4, target_modules=["c_attn"]))
+    ids = prompt("gpt2")[0]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"needs 70 positions but this FlaxGPT2LMHeadModel has 64: input_ids has 8 "
+                                         r"tokens and max_length is 70 \(max_new_tokens=62\).*Lower max_new_tokens"):
+        model.generate(ids, max_new_tokens=62, pad_token_id=PAD)
+    assert snapshot(model) == before
+    assert model.generate(ids, max_new_tokens=56, pad_token_id=PAD).sequences.shape == (2, 64)  # the limit fits
 
 
 def test_a_model_without_generation_support_raises() -> None:

@@ -394,6 +394,39 @@ def test_param_dtype_and_sharding_follow_the_kernel():
         assert block.get_metadata()["out_sharding"] == tuple(spec)
 
 
+def test_block_sharding_only_where_it_divides():
+    """The block's `out` axis is sharded like the kernel's only where it is known to divide over those mesh
+    axes (4 `model` shards): on the mesh of the kernel's array, or the current abstract mesh; replicated when
+    it does not divide or no mesh is known (an `out_sharding` annotation alone)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    class One(nnx.Module):
+        def __init__(self, out: int):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+            self.q_proj = nnx.Linear(16, out, kernel_init=init, rngs=nnx.Rngs(0))
+
+    # (out, init_weights, block spec on the mesh); blocks: bat (out // 4, 4, 4), mini (4, 2), balance (4, out)
+    cases = [
+        (8, "bat", (None, None, None)),  # 2 bat blocks do not split 4 ways
+        (32, "bat", ("model", None, None)),  # 8 do
+        (32, "mini", (None, None)),  # mini_r=2 does not
+        (32, True, (None, "model")),
+    ]
+    for out, init, spec in cases:
+        config = MissConfig(r=4, mini_r=2, init_weights=init, target_modules=["q_proj"])
+        with jax.set_mesh(mesh):  # eager sharding: the kernel is created sharded on the mesh
+            block = apply_miss(One(out), config, nnx.Rngs(1)).q_proj.miss_block["default"]
+        assert block.get_value().sharding.spec == jax.sharding.PartitionSpec(*spec), (out, init)
+        assert block.get_metadata()["out_sharding"] == spec
+        with nnx.use_eager_sharding(False):  # the kernel carries the annotation only
+            annotated, unknown = One(out), One(out)
+        with jax.set_mesh(mesh):  # the abstract mesh decides
+            block = apply_miss(annotated, config, nnx.Rngs(1)).q_proj.miss_block["default"]
+        assert block.get_metadata()["out_sharding"] == spec, (out, init)
+        block = apply_miss(unknown, config, nnx.Rngs(1)).q_proj.miss_block["default"]  # no mesh: replicated
+        assert block.get_metadata()["out_sharding"] == (None,) * len(spec), (out, init)
+
+
 def test_peft_model_errors_change_nothing():
     pm = peft_model()
     before = [np.asarray(v) for v in jax.tree.leaves(nnx.state(pm, nnx.Param))]

@@ -19,6 +19,7 @@ import torch
 import tiny_models as tm
 from helpers import logits
 from interop_helpers import ATOL, load_in_torch, perturb_trainables, torch_inputs, torch_twin
+from interop.names import BLOCK, torch_leaf
 from miss_jax import MissConfig, MissModel, get_peft_model
 from miss_jax import sharding as S
 from miss_jax import train as T
@@ -111,15 +112,56 @@ def test_base_model_config_parameters_and_repr():
     pm = get_peft_model(bert, MissConfig(r=4, modules_to_save=["classifier"], bias="MiSS_only"))
     assert pm.get_base_model() is bert and pm.config is bert.config
     named = dict(pm.named_parameters())
-    assert "bert.encoder.layer.0.attention.self.query.miss_block.default" in named
-    assert "classifier.modules_to_save.default.kernel" in named
-    assert "bert.encoder.layer.0.attention.self.query.bias" in named
-    assert "base_model.classifier.kernel" in named
-    assert sum(x.size for x in pm.parameters()) == pm.get_nb_trainable_parameters()[1] + sum(
-        x.size for x in jax.tree_util.tree_leaves(pm.adapter_params["bias"]))
+    query = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    assert {f"{query}.miss_block.default", f"{query}.base_layer.kernel", f"{query}.base_layer.bias"} <= set(named)
+    assert {"base_model.model.classifier.modules_to_save.default.kernel",
+            "base_model.model.classifier.original_module.kernel"} <= set(named)
+    assert sum(x.size for x in pm.parameters()) == pm.get_nb_trainable_parameters()[1]  # each param once
     text = repr(pm)
     assert "FlaxBertForSequenceClassification" in text and "(model.bert.encoder.layer.1.attention.self.value)" in text
     assert "ModulesToSaveWrapper" in text and "miss_block={default: balance (4, 32)}" in text
+
+
+def _torch_name(name: str) -> str:
+    """A `MissModel.named_parameters()` name with torch's leaf name (`interop.names.torch_leaf`: `kernel`,
+    `embedding`, `scale` -> `weight`); a block's name ends with its adapter's name and stays."""
+    head, leaf = name.rsplit(".", 1)
+    return name if head.endswith("." + BLOCK) else f"{head}.{torch_leaf(leaf)}"
+
+
+# (arch, {adapter: MissConfig kwargs}): the first adapter active, the others not (PEFT's add_adapter)
+NAMED_CASES = {
+    "llama": ("llama", {"default": dict(r=4, modules_to_save=["lm_head"]),
+                        "other": dict(r=2, init_weights="bat", target_modules=["o_proj", "q_proj"])}),
+    "bert_bias_all": ("bert", {"default": dict(r=4, modules_to_save=["classifier"], bias="all"),
+                               "other": dict(r=2, target_modules=["query", "key"])}),
+}
+# (PEFT 0.21 with bias="all" also marks an inactive adapter's modules_to_save copy of a bias trainable, which
+# it never trains: the cases keep inactive adapters' copies off biases.)
+
+
+@pytest.mark.parametrize("case", list(NAMED_CASES))
+def test_named_parameters_are_peft_s_names(case):
+    """Every name PEFT's `named_parameters()` gives on the torch twin, once each (after torch's leaf names),
+    and the trainable ones (a trained bias: its trained value, under the base name) are PEFT's trainable ones."""
+    arch, configs = NAMED_CASES[case]
+    (first, config), *rest = configs.items()
+    pm = get_peft_model(tm.flax_model(arch), MissConfig(**config), first)
+    pt = peft.get_peft_model(torch_twin(arch), peft.MissConfig(**config), adapter_name=first)
+    for name, kw in rest:
+        pm.add_adapter(name, MissConfig(**kw))
+        pt.add_adapter(name, peft.MissConfig(**kw))
+    perturb_trainables(pm, seed=0)  # fresh arrays: the trainable ones are told apart by identity below
+    named = list(pm.named_parameters())
+    names = [_torch_name(n) for n, _ in named]
+    assert len(set(names)) == len(names)
+    assert set(names) == {n for n, _ in pt.named_parameters()}
+    trainable = {id(x) for x in jax.tree_util.tree_leaves(pm.trainable_params())}
+    ours = {_torch_name(n) for n, x in named if id(x) in trainable}
+    assert ours == {n for n, p in pt.named_parameters() if p.requires_grad}
+    assert len(ours) == len(trainable)  # every trainable array is listed
+    shapes = {_torch_name(n): int(x.size) for n, x in named}
+    assert shapes == {n: p.numel() for n, p in pt.named_parameters()}
 
 
 def _two_adapter_bert() -> tuple[MissModel, peft.PeftModel]:
