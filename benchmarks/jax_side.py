@@ -161,8 +161,11 @@ class JaxSuite:
         one case's freed buffers would hide the next one's memory. `compiles` gets each step's traces."""
         out = {}
         for name in specs.LONG_CASES:
-            result = timing.isolated(__file__, self.settings, self.spec.name, name)
+            flags = specs.LONG_XLA_FLAGS.get(name, "") if self.settings.device == "cpu" else ""
+            result = timing.isolated(__file__, self.settings, self.spec.name, name, flags)
             out[name], compiles[f"long/{name}"] = result["measure"], result["compiles"]
+            if flags:
+                out[name]["xla_flags"] = flags
         return out
 
     def long_case(self, name: str) -> dict[str, Any]:

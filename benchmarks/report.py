@@ -123,6 +123,13 @@ def _num(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _flags_note(model: dict) -> str:
+    """' Case X ran with XLA_FLAGS=...' for the cases whose JAX process got extra XLA flags."""
+    long = (model.get("jax") or {}).get("long", {})
+    flagged = [(name, case["xla_flags"]) for name, case in long.items() if case.get("xla_flags")]
+    return "".join(f" `{name}` (JAX) ran with `XLA_FLAGS={flags}`." for name, flags in flagged)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """One table per model: median times, JAX/PyTorch, MiSS/base in each framework, peak memory."""
     meta = result["meta"]
@@ -154,7 +161,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "over the merged model's generate, merge_and_unload over copy_kernels (a copy of the same "
                   "kernels). long: a balance train step at length; `balance` uses blockwise attention and the "
                   "chunked loss (JAX) or sdpa (PyTorch), `+remat` adds per-layer gradient checkpointing, "
-                  "`balance/plain` is JAX without any long-sequence feature.", ""]
+                  "`balance/plain` is JAX without any long-sequence feature." + _flags_note(model), ""]
         if model.get("targets"):
             lines += ["| target | ratio | bound | met | XLA FLOP ratio |", "|---|---:|---:|---|---:|"]
             for tname, tv in model["targets"].items():

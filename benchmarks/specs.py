@@ -30,6 +30,10 @@ GENERATE_CASES = ("merged", "balance")  # greedy generate: the merged model's, a
 # gradient checkpointing; JAX also runs "balance/plain" (transformers' attention, the plain loss: no long-context
 # features), which has no PyTorch twin
 LONG_CASES = ("balance/plain", "balance", "balance+remat")
+# XLA flags a long case's JAX process starts with (on CPU). XLA:CPU's default scheduler orders a program for
+# concurrency and starts each checkpointed layer's recomputation early, which keeps the memory checkpointing
+# frees; the sequential scheduler keeps the saving (README "Long sequences"). XLA reads it at start-up only.
+LONG_XLA_FLAGS = {"balance+remat": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,10 +220,10 @@ def pin_threads(threads: int) -> list[int]:
     return allowed
 
 
-def isolated(script: str, settings: Any, model: str, case: str) -> dict[str, Any]:
+def isolated(script: str, settings: Any, model: str, case: str, xla_flags: str = "") -> dict[str, Any]:
     """Runs `script SETTINGS OUT --long-case MODEL CASE` (a side script measuring one case) in a fresh
-    process with this process's environment and CPUs, and returns the JSON it wrote. `settings` is the
-    run's `specs.Settings` (its `settings.json` lives in its workdir)."""
+    process with this process's environment (plus `xla_flags` appended to XLA_FLAGS) and CPUs, and returns
+    the JSON it wrote. `settings` is the run's `specs.Settings` (its `settings.json` lives in its workdir)."""
     import json
     import subprocess
     import sys
@@ -233,7 +233,8 @@ def isolated(script: str, settings: Any, model: str, case: str) -> dict[str, Any
     with tempfile.TemporaryDirectory(dir=settings.workdir) as tmp:
         out = os.path.join(tmp, "case.json")
         cmd = [sys.executable, script, settings_path, out, "--long-case", model, case]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
         with open(out) as f:

@@ -27,10 +27,11 @@ from miss_jax import adapters
 from miss_jax.layer_rules import KernelRule
 from miss_jax.tree import Path
 
-PREFIX = "base_model.model."
+# PEFT's names, defined once in `miss_jax.adapters` (`MissModel.named_parameters` uses them too)
+PREFIX = adapters.PEFT_PREFIX
 BLOCK = adapters.BLOCK  # PEFT's parameter name; the adapter pytree uses the same leaf name
-BASE_LAYER = "base_layer"  # PEFT's wrapped layer: the bias of an adapted layer is `<path>.base_layer.bias`
-ORIGINAL_MODULE = "original_module"  # the untouched module beside a modules_to_save copy
+BASE_LAYER = adapters.PEFT_BASE_LAYER  # PEFT's wrapped layer: the bias of an adapted layer is `<path>.base_layer.bias`
+ORIGINAL_MODULE = adapters.PEFT_ORIGINAL_MODULE  # the untouched module beside a modules_to_save copy
 SAVED_COPY = "modules_to_save"
 
 # Flax leaf name -> torch parameter name (leaves not listed keep their name: `bias`, RMSNorm `weight`).

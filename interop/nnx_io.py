@@ -9,9 +9,11 @@ flattened over the rule's `out` axes.
 
 `modules_to_save` copies are stored as PEFT stores them, whole, under their torch parameter names
 (`base_model.model.lm_head.weight`): a module's torch path comes from the map, a variable's torch name from
-its layer rule (kernel -> `weight`, in torch's `(out, in)` layout; bias -> `bias`) or else from the map's
-`leaves` (`scale` -> `weight`, `embedding` -> `weight`, ...; same shape on both sides). The folder's
-`modules_to_save` names torch modules; in the NNX model's config they are the NNX keys.
+its layer rule (kernel -> `weight`, in torch's `(out, in)` layout; bias -> `bias`, flattened) or else from
+the map's `leaves` (`scale` -> `weight`, `embedding` -> `weight`, ...), in `interop.names`' layouts as
+the Linen path stores them (another `kernel` `(..., in, out)`, a Conv's, as torch's `(out, in, ...)`;
+the rest as they are). The folder's `modules_to_save` names torch modules; in the NNX model's config
+they are the NNX keys.
 
 Ready maps for tunix's LLMs: `TUNIX_QWEN3`, `TUNIX_LLAMA3` (`tunix_rules()` registers the layer rule of
 their `Einsum` attention projections); they map the projections, `lm_head`, the embedding and the norms.
@@ -23,7 +25,6 @@ their `Einsum` attention projections); they map the projections, `lm_head`, the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -41,11 +42,10 @@ from miss_jax.nnx import (
 from miss_jax.targeting import Layer, select
 
 from . import folder_write
+from . import names as peft_names
 from . import safetensors_io as files
+from .names import BLOCK, PREFIX
 from .peft_io import config_from_json
-
-PREFIX = "base_model.model."
-BLOCK = "miss_block"
 
 
 LEAVES = (("kernel", "weight"), ("w", "weight"), ("scale", "weight"), ("embedding", "weight"),
@@ -118,35 +118,33 @@ def torch_names(model: nnx.Module, keys: Sequence[str], name_map: NameMap) -> di
 class SavedTensor:
     """One variable of a `modules_to_save` module and its PEFT tensor.
 
-    `path`: the variable's graph path below the module; `name`: its torch parameter name (the PEFT key
-    without `base_model.model.`). `rule`: set for a layer rule's kernel, stored as the torch weight
-    `rule.to_matrix(kernel).T` `(out, in)`; `flat`: a layer rule's bias, stored flattened `(out,)`; else the
-    value is stored as it is.
+    `path`: the variable's graph path below the module (its last entry is the variable's name); `name`: its
+    torch parameter name (the PEFT key without `base_model.model.`); `rule`: the owner's layer rule, if it has
+    one. Layouts are `interop.names`' (`to_torch`): a rule's kernel is stored as the torch weight
+    `(out, in)`, its bias flattened `(out,)`; any other `kernel` `(..., in, out)` as torch's `(out, in, ...)`
+    (a Conv's); other variables as they are.
     """
 
     name: str
     path: GraphPath
     rule: Optional[KernelRule] = None
-    flat: bool = False
+
+    @property
+    def leaf(self) -> str:
+        """The variable's name."""
+        return str(self.path[-1])
 
     def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The torch tensor's shape for a variable of `shape`."""
-        if self.rule is not None:
-            n_in, n_out = self.rule.sizes(shape)
-            return (n_out, n_in)
-        return (math.prod(shape),) if self.flat else tuple(shape)
+        return peft_names.torch_shape(self.leaf, tuple(shape), self.rule)
 
     def to_torch(self, value: jax.Array) -> jax.Array:
         """The variable's value in torch's layout (`torch_shape(value.shape)`)."""
-        if self.rule is not None:
-            return self.rule.to_matrix(value).T
-        return value.reshape(-1) if self.flat else value
+        return peft_names.to_torch(self.leaf, value, self.rule)
 
     def from_torch(self, tensor: Any, shape: tuple[int, ...]) -> jax.Array:
         """A torch-layout tensor (`torch_shape(shape)`) as the variable's value of `shape`."""
-        if self.rule is not None:
-            return self.rule.from_matrix(jnp.asarray(tensor).T, shape)
-        return jnp.asarray(tensor).reshape(shape)
+        return peft_names.from_torch(self.leaf, jnp.asarray(tensor), self.rule, tuple(shape))
 
 
 def saved_tensors(module: nnx.Module, key: str, name_map: NameMap) -> list[SavedTensor]:
@@ -167,17 +165,16 @@ def saved_tensors(module: nnx.Module, key: str, name_map: NameMap) -> list[Saved
                 "(pattern, replacement) pair for it to the NameMap."
             )
         rule = rule_for(owner, owner_key) if has_rule(owner) else None
-        if rule is not None and leaf == rule.kernel:
-            tensor = SavedTensor(f"{torch_module}.weight", path, rule=rule)
-        elif rule is not None and leaf == rule.bias:
-            tensor = SavedTensor(f"{torch_module}.bias", path, flat=True)
+        if rule is not None and leaf in (rule.kernel, rule.bias):
+            torch_leaf = "weight" if leaf == rule.kernel else "bias"
         elif leaf in leaves:
-            tensor = SavedTensor(f"{torch_module}.{leaves[leaf]}", path)
+            torch_leaf = leaves[leaf]
         else:
             raise ValueError(
                 f"The name map has no torch parameter name for {owner_key}.{leaf} (saved whole with modules_to_save): "
                 f"add ({leaf!r}, '<torch name>') to the NameMap's leaves."
             )
+        tensor = SavedTensor(f"{torch_module}.{torch_leaf}", path, rule)
         if tensor.name in found:
             raise ValueError(f"The name map sends two variables of {key} to {tensor.name!r}. Fix the NameMap.")
         found[tensor.name] = tensor

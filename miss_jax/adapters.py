@@ -21,7 +21,7 @@ LeafRef(group='miss', adapter='default', module=('model', 'q_proj'), leaf='miss_
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -39,6 +39,11 @@ BIAS = "bias"
 GROUPS = (MISS, MODULES_TO_SAVE, BIAS)
 BLOCK = "miss_block"  # the leaf name of a block (PEFT's parameter name too)
 RESERVED_NAMES = GROUPS + ("base_model",)  # names an adapter cannot take
+# PEFT's names around an adapted model, in its parameter and state-dict keys (`MissModel.named_parameters`,
+# `interop.names`)
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (the tuner), whose .model is the wrapped model
+PEFT_BASE_LAYER = "base_layer"  # the layer a MiSS layer wraps: an adapted layer's bias is `<path>.base_layer.bias`
+PEFT_ORIGINAL_MODULE = "original_module"  # the untouched module beside its modules_to_save copies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,19 @@ def trainable(adapter_params: Mapping, plan: Plan) -> dict:
         MISS: {n: adapter_params[MISS][n] for n in plan.active},
         MODULES_TO_SAVE: {n: adapter_params[MODULES_TO_SAVE][n] for n in plan.saved},
         BIAS: adapter_params[BIAS],
+    }
+
+
+def frozen_part(trainable_tree: Mapping, plan: Plan, frozen: Collection[str]) -> dict:
+    """The part of `trainable_tree` (a `trainable(..., plan)` pytree, or one shaped like it: gradients,
+    updates) that belongs to the adapters `frozen`: their blocks, their module copies, and the biases one of
+    them trains (PEFT 0.21 leaves a frozen adapter's biases trainable; miss-jax freezes them with it).
+    Same groups as the adapter pytree; train steps never update these leaves."""
+    bias_paths = {path for name in frozen for path in plan.spec(name).bias_paths}
+    return {
+        MISS: {n: v for n, v in trainable_tree[MISS].items() if n in frozen},
+        MODULES_TO_SAVE: {n: v for n, v in trainable_tree[MODULES_TO_SAVE].items() if n in frozen},
+        BIAS: tree.unflatten({p: v for p, v in tree.flatten(trainable_tree[BIAS]).items() if p[:-1] in bias_paths}),
     }
 
 

@@ -4,9 +4,15 @@ transformers' Flax attention builds the full `(B, heads, T, T)` float32 weights,
 keeps them (one such buffer, or several, per layer). Within `memory_efficient_attention(block_size)`,
 a `flax.linen.intercept_methods` interceptor recomputes the attention of the supported modules with
 the module's own submodules (projections, rotary embedding, dropout), so MiSS's interceptor on
-`q_proj`/`k_proj`/`c_attn`/... still applies, and replaces the weights by `blockwise_attention`: a
-`lax.map` over query blocks whose body is `jax.checkpoint`ed, so at most one `(B, heads, block, T)`
-block exists at a time, forward and backward, and nothing of size `T x T` is kept for the backward.
+`q_proj`/`k_proj`/`c_attn`/... still applies, and replaces the weights by `blockwise_attention`, a
+flash-style formulation: queries in blocks of `block_size`, each block against only the keys it can
+see (causal: up to the block's end, so about half of the `T x T` scores are computed; a sliding window
+also cuts the start), the softmax's log-sum-exp kept per query, and a `jax.custom_vjp` whose backward
+recomputes each block's weights from it. Nothing of size `T x T` exists at any time, and the blocks run
+one after the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and
+would otherwise start every block's scores at once). On a 2-core CPU, one Llama layer's attention at
+2 x 2048 (8 heads of 64) takes 0.45 s forward and backward instead of transformers' 0.93 s
+(benchmarks/README.md; PyTorch's fused CPU kernel: 0.28 s).
 
 Covered modules (transformers class name -> family):
   * `FlaxLlamaAttention`, `FlaxGemmaAttention`: causal, RoPE, grouped-query attention.
@@ -18,7 +24,7 @@ Covered modules (transformers class name -> family):
 
 Masks equal transformers': the 2-D `attention_mask` `(B, S)` masks keys, the causal/window mask masks
 by sequence index, and masked scores get `finfo(float32).min` added, so a query whose keys are all
-masked (left padding) averages all values, as in transformers. The softmax runs in float32 (as
+masked (left padding) averages all values, as in transformers (undropped). The softmax runs in float32 (as
 transformers' Llama/Mistral/Gemma; GPT-2/GPT-Neo/GPT-J/OPT in a bfloat16 model run it in bfloat16).
 Attention dropout is applied with transformers' rate and rng stream, broadcast over batch and heads
 as Flax does; its masks are drawn per query block, so they differ from the plain path's (same
@@ -52,7 +58,7 @@ NEG = float(jnp.finfo(jnp.float32).min)  # added to masked scores, as transforme
 def _key_range(start: int, block: int, s: int, causal: bool, window: Optional[int]) -> tuple[int, int]:
     """The keys `[lo, hi)` that queries `start .. start+block-1` may see (the rest are masked anyway)."""
     hi = min(start + block, s) if causal else s
-    lo = max(0, start - window) if window is not None else 0
+    lo = min(max(0, start - window), s - 1) if window is not None else 0  # past the keys: all masked
     return lo, max(hi, lo + 1)
 
 
@@ -94,7 +100,8 @@ def _after(x: jax.Array, previous: Optional[jax.Array]) -> jax.Array:
     schedules every block's `(B, H, block, keys)` scores at once)."""
     if previous is None:
         return x
-    return x + (previous.ravel()[0] * 0).astype(x.dtype)
+    first = previous.ravel()[0]
+    return x + (jnp.where(jnp.isfinite(first), first, 0) * 0).astype(x.dtype)
 
 
 def _dropout(rng: Optional[jax.Array], rate: float, index: int, shape: tuple[int, int]) -> Optional[jax.Array]:
@@ -215,6 +222,8 @@ def blockwise_attention(
     s, hkv = key.shape[1], key.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads evenly.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
     groups = hq // hkv
     query = query / jnp.sqrt(d).astype(query.dtype)
     q = query.reshape(b, t, hkv, groups, d).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)

@@ -32,10 +32,6 @@ from .targeting import Layer, resolve_targets, select
 from .tree import Path
 
 PyTree = Any
-# PEFT's parameter names (`MissModel.named_parameters`)
-PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (the tuner), whose .model is the wrapped model
-PEFT_BASE_LAYER = "base_layer"  # the layer a MiSS layer wraps
-PEFT_ORIGINAL_MODULE = "original_module"  # the untouched module beside its modules_to_save copies
 
 
 def _is_array(x: Any) -> bool:
@@ -335,12 +331,18 @@ class MissModel:
     # ------------------------------------------------------------------ parameters
 
     def trainable_params(self) -> dict:
-        """The pytree a train step differentiates: active unmerged blocks, the saved module copies, biases."""
+        """The pytree a train step differentiates: active unmerged blocks, the saved module copies, biases.
+
+        A frozen active adapter's params (`frozen_adapters`: blocks, copies, the biases it trains) are in it
+        too, as the forward needs them, but the train steps of `miss_jax.train` / `miss_jax.sharding` never
+        update them (`adapters.frozen_part`; a loop of your own should leave them out of its update too).
+        Refused while every active adapter is frozen (nothing would train).
+        """
         if self.merged_adapters:
             raise ValueError("Adapters are merged; call unmerge_adapter() before training.")
         self.require_weights(self.plan.applied)
         frozen = self._frozen_active()
-        if frozen:
+        if frozen and len(frozen) == len(self.plan.active):
             raise ValueError(
                 f"Adapters {frozen} are frozen (inference mode: loaded with is_trainable=False, or set with "
                 f"inference_mode=True). Load them with is_trainable=True, or call set_adapter({frozen!r}) to "
@@ -394,15 +396,19 @@ class MissModel:
         """(trainable, all): all counts the base params plus every adapter's params and module copies.
 
         Trainable: the active adapters' blocks and module copies and the trained biases, merged or not (as
-        PEFT counts `requires_grad` parameters); 0 while an active adapter is frozen or the adapter layers
-        are disabled (PEFT's disabled layers stop requiring grad)."""
+        PEFT counts `requires_grad` parameters), less a frozen adapter's (its biases included, which PEFT
+        0.21 still counts); 0 while the adapter layers are disabled (PEFT's disabled layers stop requiring
+        grad)."""
+        every = {k: v for k, v in self.adapter_params.items() if k != adapters.BIAS}
+        total = tree.count(self.params) + tree.count(every)
+        if self._disabled:
+            return 0, total
         active = tuple(self.active_adapters)
         saved = tuple(a for a in active if self._specs[a].saved_modules)
         every_active = Plan(tuple(self._specs.values()), active, saved)
-        none = self._disabled or any(a in self._frozen for a in active)
-        trainable = {} if none else adapters.trainable(self.adapter_params, every_active)
-        every = {k: v for k, v in self.adapter_params.items() if k != adapters.BIAS}
-        return tree.count(trainable), tree.count(self.params) + tree.count(every)
+        trainable = adapters.trainable(self.adapter_params, every_active)
+        frozen = adapters.frozen_part(trainable, every_active, [a for a in active if a in self._frozen])
+        return tree.count(trainable) - tree.count(frozen), total
 
     def print_trainable_parameters(self) -> None:
         """Prints PEFT's line: trainable params, all params, trainable%."""
@@ -583,9 +589,9 @@ class MissModel:
             module, leaf = path[:-1], path[-1]
             copied = next((m for m in saved if module[: len(m)] == m), None)
             if copied is not None:
-                owner, name = copied, (*copied, PEFT_ORIGINAL_MODULE, *path[len(copied):])
+                owner, name = copied, (*copied, adapters.PEFT_ORIGINAL_MODULE, *path[len(copied):])
             elif module in layers:
-                owner, name = module, (*module, PEFT_BASE_LAYER, leaf)
+                owner, name = module, (*module, adapters.PEFT_BASE_LAYER, leaf)
             else:
                 owner, name = module, path
             rows.setdefault(owner, []).append((name, trained_biases.get(path, value)))
@@ -598,7 +604,7 @@ class MissModel:
                 rows.setdefault(copied, []).append((name, value))
         for entries in rows.values():
             for name, value in entries:
-                yield PEFT_PREFIX + ".".join(name), value
+                yield adapters.PEFT_PREFIX + ".".join(name), value
 
     def parameters(self) -> Iterator[jax.Array]:
         """Every param array (`named_parameters()` without the names)."""

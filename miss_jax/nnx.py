@@ -96,11 +96,9 @@ def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant
         names = sharding.spec
     if names is None:
         return MissParam(block)
-    names = tuple(names) + (None,) * (value.ndim - len(names))
     abstract = jax.sharding.get_abstract_mesh()
     mesh_shape = mesh.shape if mesh is not None else None if abstract.empty else abstract.shape
-    first, *rest = (names[a] for a in rule.out_axes)
-    spec = variant.partition(block.shape, first if all(r is None for r in rest) else None, mesh_shape)
+    spec = variant.partition(block.shape, ops.out_entry(names, rule.out_axes), mesh_shape)
     if mesh is not None:
         block = jax.device_put(block, NamedSharding(mesh, P(*spec)))
     return MissParam(block, out_sharding=spec, eager_sharding=False)

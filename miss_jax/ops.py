@@ -55,6 +55,22 @@ def from_torch(weight: Array, layout: Layout) -> Array:
     return weight.T if layout == "flax" else weight
 
 
+def out_entry(kernel_spec: Sequence[AxisEntry], out_axes: Sequence[int]) -> AxisEntry:
+    """The partition entry of a kernel's flattened `out` axis: `out_axes` flattened row-major (as
+    `layer_rules.KernelRule` flattens them), from the kernel's partition spec `kernel_spec` (entries it
+    lacks at the end are replicated).
+
+    That is the first `out` axis's entry when the other `out` axes are replicated (each shard then holds one
+    contiguous run of the flattened `out`, as a 2-D kernel's `out` shard does), else None (replicated).
+
+    >>> out_entry(("data", "model"), (1,)), out_entry((None, "model"), (1, 2)), out_entry((None, None, "model"), (1, 2))
+    ('model', 'model', None)
+    """
+    entries = tuple(kernel_spec) + (None,) * (max(out_axes) + 1 - len(kernel_spec))
+    first, *rest = (entries[a] for a in out_axes)
+    return first if all(e is None for e in rest) else None
+
+
 def _check_mini(out_features: int, mini_r: int) -> None:
     if mini_r <= 0 or out_features % mini_r:
         raise ValueError(f"mini needs out_features ({out_features}) divisible by mini_r ({mini_r}).")

@@ -17,7 +17,10 @@ the adapter path of a layer runs where the layer's kernel shard lives:
     over those mesh axes, else replicated (block `a` touches only kernel rows `a*r:(a+1)*r` of `out`);
   * `modules_to_save` copies and trained biases: exactly like the base params they copy.
 Where the kernel's `out` axis is replicated (e.g. `o_proj` under tensor parallelism, whose `in` axis is
-sharded) the block is replicated. Optimizer state is sharded like the params it tracks.
+sharded) the block is replicated. A kernel with several `out` axes (a Linen `nn.DenseGeneral`,
+`(d_model, heads, head_dim)`) flattens them row-major to `out` (its `layer_rules.KernelRule`): its `out`
+is sharded like its first `out` axis when the other `out` axes are replicated, else replicated
+(`ops.out_entry`, as in the NNX transform). Optimizer state is sharded like the params it tracks.
 
 >>> # mesh = make_mesh((4, 2))                              # axes ("data", "model")
 >>> # rules = llama_rules("tensor_parallel")
@@ -178,20 +181,26 @@ def param_specs(params: PyTree, rules: Rules, mesh: Mesh) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda kp, leaf: spec_for(rules, tree.key_path(kp), leaf.shape, mesh), params)
 
 
-def _kernel_spec(layer: Layer, rules: Rules, mesh: Mesh) -> tuple[AxisEntry, AxisEntry]:
-    """The base kernel's spec as `(in_entry, out_entry)`, whatever the kernel's layout."""
-    io = (layer.in_features, layer.out_features)
-    shape = io if layer.layout == "flax" else io[::-1]
-    spec = tuple(spec_for(rules, layer.path + ("kernel",), shape, mesh)) + (None, None)
-    return (spec[0], spec[1]) if layer.layout == "flax" else (spec[1], spec[0])
+def _kernel_out_entry(layer: Layer, rules: Rules, mesh: Mesh) -> AxisEntry:
+    """The spec entry of the base kernel's flattened `out` axis, whatever its layout or number of axes (an
+    `nn.DenseGeneral`'s, through its rule): `ops.out_entry` of the kernel's spec under `rules`."""
+    if layer.rule is not None:
+        shape, out_axes = layer.kernel_shape, layer.rule.out_axes
+    elif layer.layout == "flax":
+        shape, out_axes = (layer.in_features, layer.out_features), (1,)
+    else:
+        shape, out_axes = (layer.out_features, layer.in_features), (0,)
+    return ops.out_entry(spec_for(rules, layer.path + ("kernel",), shape, mesh), out_axes)
 
 
 def block_spec(variant: str, layer: Layer, r: int, mini_r: int, rules: Rules, mesh: Mesh) -> P:
     """The spec of an adapter block on `layer`: its `ops.Variant.out_axis` follows the kernel's `out` axis
-    when its length splits over the same mesh axes, else it is replicated (module docstring)."""
+    when its length splits over the same mesh axes, else it is replicated (module docstring). A kernel with
+    several `out` axes (`nn.DenseGeneral`, `(d_model, heads, head_dim)`) counts as sharded along its
+    flattened `out` when only its first `out` axis is (`ops.out_entry`), as in the NNX transform."""
     v = ops.variant(variant)
     shape = v.block_shape(layer.in_features, layer.out_features, r, mini_r)
-    return P(*v.partition(shape, _kernel_spec(layer, rules, mesh)[1], mesh.shape))
+    return P(*v.partition(shape, _kernel_out_entry(layer, rules, mesh), mesh.shape))
 
 
 def adapter_specs(
@@ -343,4 +352,4 @@ def make_sharded_train_step(
         out_shardings=(state_sh, replicated),
         donate_argnums=(1,) if donate else (),
     )
-    return train.model_step(jitted, peft_model, plan.active, update_model=update_model)
+    return train.model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan)

@@ -5,9 +5,10 @@
 >>> # state, loss = step(peft_model.params, state, batch, rng)
 
 The step differentiates `peft_model.trainable_params()` (active adapter blocks, the active
-`modules_to_save` copies, trained biases); the base params are an argument, never a gradient
-target, and the state buffers are donated. After each step the model holds the trained adapter
-(the step writes `state.trainable` back), so `peft_model.save_pretrained(...)` saves what was trained.
+`modules_to_save` copies, trained biases) and updates it, less a frozen adapter's params; the base
+params are an argument, never a gradient target, and the state buffers are donated. After each step
+the model holds the trained adapter (the step writes `state.trainable` back), so
+`peft_model.save_pretrained(...)` saves what was trained.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import tree
+from . import adapters, tree
 from .losses import LossFn, causal_lm_loss, classification_loss, cross_entropy
 
 if TYPE_CHECKING:
@@ -103,6 +104,10 @@ def train_step_fn(
     one): one optax update of `state.trainable`. Not jitted and never touching the model, so it composes
     with `jax.jit(in_shardings=...)` and the like; `make_train_step` is the form to call.
 
+    The adapters of `plan` frozen in the model (`frozen_adapters`) when the step is made stay as they are:
+    their gradients and updates are zeros (`adapters.frozen_part`), so neither the gradient nor an
+    optimizer's own terms (weight decay, momentum) move them.
+
     `accum_steps=k` splits the batch into `k` micro-batches (example `i` goes to micro-batch `i % k`, so a
     batch sharded over devices stays spread over all of them), runs them one after another in a `lax.scan`
     (activations of one micro-batch alive at a time) and applies the mean gradient once: the update of one
@@ -110,8 +115,14 @@ def train_step_fn(
     micro-batch counts as many tokens, e.g. without padding). Dropout keys are `fold_in(rng, i)`.
     """
     check_accum_steps(accum_steps)
+    plan = plan or peft_model.plan
     loss = make_loss_fn(peft_model, loss_fn, plan=plan)
     value_and_grad = jax.value_and_grad(loss, argnums=1)
+    frozen = _frozen(peft_model, plan)
+
+    def without_frozen(t: PyTree) -> PyTree:  # zeros in place of the frozen adapters' leaves
+        zeros = {p: jnp.zeros_like(v) for p, v in tree.flatten(adapters.frozen_part(t, plan, frozen)).items()}
+        return tree.replace_leaves(t, zeros)
 
     def step(params: PyTree, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
         if accum_steps == 1:
@@ -129,8 +140,8 @@ def train_step_fn(
                                              (micro, jnp.arange(accum_steps)))
             value = total / accum_steps
             grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
+        updates, opt_state = tx.update(without_frozen(grads), state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, without_frozen(updates))
         return TrainState(state.step + 1, trainable, opt_state), value
 
     return step
@@ -173,13 +184,15 @@ def make_train_step(
     `save_pretrained`, `merge_adapter` or the model's own forward use is always the trained adapter.
     `update_model=False` leaves the model alone (a state trained beside the model, e.g. a baseline).
     `accum_steps=k` accumulates gradients over `k` micro-batches of the batch in the same compiled
-    program (see `train_step_fn`). The step refuses to run while one of its adapters is merged into the
-    model (it would apply the adapter twice): see `model_step`.
+    program (see `train_step_fn`). An active adapter frozen in the model (`frozen_adapters`) is applied
+    but never updated, as PEFT's optimizer skips parameters that do not require grad. The step refuses
+    to run while one of its adapters is merged into the model (it would apply the adapter twice), or
+    once one was frozen or unfrozen after it was built: see `model_step`.
     """
     plan = plan or peft_model.plan
     fn = train_step_fn(peft_model, tx, loss_fn, plan, accum_steps)
     jitted = jax.jit(fn, donate_argnums=(1,) if donate else ())
-    return model_step(jitted, peft_model, plan.active, update_model=update_model)
+    return model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan)
 
 
 def make_eval_step(peft_model: "MissModel", loss_fn: LossFn) -> Callable[..., jax.Array]:
@@ -190,14 +203,23 @@ def make_eval_step(peft_model: "MissModel", loss_fn: LossFn) -> Callable[..., ja
                       peft_model, plan.active)
 
 
+def _frozen(peft_model: "MissModel", plan: "Plan") -> tuple[str, ...]:
+    """The adapters `plan` trains (active or saved) that `peft_model` holds frozen now."""
+    return tuple(n for n in dict.fromkeys(plan.active + plan.saved) if n in peft_model.frozen_adapters)
+
+
 def model_step(
-    jitted: Any, peft_model: "MissModel", names: tuple[str, ...], update_model: bool = False
+    jitted: Any, peft_model: "MissModel", names: tuple[str, ...], update_model: bool = False,
+    plan: Optional["Plan"] = None,
 ) -> Callable[..., Any]:
     """`jitted` as a step of `peft_model`: each call is refused while one of the adapters `names` (which the
     step applies itself) is merged into the model's params (called with those params it would apply them
     twice). With `update_model`, `jitted` returns `(state, ...)` and the model takes `state.trainable`
     right after the call (`peft_model.update_params`, by reference: its previous arrays, the donated
-    inputs of the next call, are replaced at once). `.lower` is kept."""
+    inputs of the next call, are replaced at once). `plan`: a train step's plan (`train_step_fn`'s); each
+    call is refused once an adapter it trains was frozen or unfrozen after the step was built (the step
+    keeps the frozen adapters of that moment). `.lower` is kept."""
+    frozen = None if plan is None else _frozen(peft_model, plan)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         gone = [n for n in names if n not in peft_model.peft_config]
@@ -209,6 +231,12 @@ def model_step(
                 f"Adapters {merged} were merged into the model after this step was built, so its params already hold "
                 "them and the step would apply them twice: call peft_model.unmerge_adapter() first (or build a "
                 "new step for the merged model)."
+            )
+        if plan is not None and _frozen(peft_model, plan) != frozen:
+            raise ValueError(
+                f"This step was built with adapters {list(frozen)} frozen, and the model now has "
+                f"{list(_frozen(peft_model, plan))} frozen: build a new step (and train state) for the adapters "
+                "to train now."
             )
         out = jitted(*args, **kwargs)
         if update_model:

@@ -205,3 +205,39 @@ def test_bad_modules_to_save_folders_raise_and_change_nothing(tmp_path):
             nnx_io.from_pretrained(model, bad, SAVE_MAP)
     assert miss_layers(model) == {} and type(model.up_proj).__name__ == "Linear"
     np.testing.assert_allclose(model(X), base_model()(X), atol=0)
+
+
+class ConvNet(nnx.Module):
+    """A Conv (saved whole with modules_to_save) before a Linear (adapted): `(B, L, 4)` -> `(B, L, 8)`."""
+
+    def __init__(self, seed: int) -> None:
+        rngs = nnx.Rngs(seed)
+        self.conv = nnx.Conv(4, 6, kernel_size=(3,), padding="SAME", rngs=rngs)
+        self.proj = nnx.Linear(6, 8, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(self.conv(x))
+
+
+def test_a_saved_conv_copy_is_stored_as_torchs_conv_weight(tmp_path):
+    """A `modules_to_save` Conv kernel `(width, in, out)` goes to the folder as torch's Conv1d weight
+    `(out, in, width)` (`interop.names.to_torch`, as the Linen path stores it), and loads back."""
+    torch = pytest.importorskip("torch")
+    pm = get_peft_model(ConvNet(0), MissConfig(r=2, target_modules=["proj"], modules_to_save=["conv"]))
+    trained = nnx.state(pm, pm.trainable)
+    nnx.update(pm, jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), trained))
+    conv_map = nnx_io.NameMap(((r"(conv|proj)", r"\1"),))
+    nnx_io.save_pretrained(pm, str(tmp_path), conv_map)
+    tensors = files.read_tensors(str(tmp_path))
+    weight, bias = tensors["base_model.model.conv.weight"], tensors["base_model.model.conv.bias"]
+    assert weight.shape == (6, 4, 3)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 4))
+    torch_conv = torch.nn.Conv1d(4, 6, 3, padding="same")
+    with torch.no_grad():
+        torch_conv.weight.copy_(torch.tensor(np.asarray(weight)))
+        torch_conv.bias.copy_(torch.tensor(np.asarray(bias)))
+        want = torch_conv(torch.tensor(np.asarray(x)).transpose(1, 2)).transpose(1, 2).numpy()
+    np.testing.assert_allclose(want, pm.base_model.conv(x), atol=1e-5)  # the (trained) copy
+    loaded = nnx_io.from_pretrained(ConvNet(0), str(tmp_path), conv_map)
+    assert np.abs(np.asarray(pm(x)) - np.asarray(ConvNet(0)(x))).max() > 1e-3
+    np.testing.assert_allclose(loaded(x), pm(x), atol=1e-6)

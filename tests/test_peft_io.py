@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 from flax import traverse_util
@@ -26,9 +28,11 @@ from interop_helpers import (
     perturb_trainables,
     torch_outputs,
     torch_peft_model,
+    torch_twin,
 )
 from helpers import snapshot
-from miss_jax import MissConfig, MissModel, get_peft_model
+from miss_jax import MissConfig, MissModel, get_peft_model, tree
+from miss_jax.train import create_train_state, make_train_step
 
 BONE_FOLDER = os.path.join(os.path.dirname(__file__), "data", "bone_bert")
 # name -> PEFT config kwargs; "default" is saved at the root, the others in sub-folders. Disjoint layers:
@@ -107,8 +111,6 @@ def test_selected_adapters_and_dtype(llama):
 
 def test_is_trainable_and_inference_mode_freeze_as_in_peft(llama):
     """Trainable counts against real PEFT through from_pretrained / load_adapter / set_adapter."""
-    from interop_helpers import torch_twin
-
     root = str(llama[0] / "torch")
     torch_counts, jax_counts = [], []
 
@@ -137,6 +139,53 @@ def test_is_trainable_and_inference_mode_freeze_as_in_peft(llama):
     assert jax_counts == torch_counts
     assert frozen_j.trainable_params()["miss"].keys() == {"mini"}
     assert frozen_j.peft_config["mini"].inference_mode  # the config keeps how it was loaded, as in PEFT
+
+
+FROZEN_BESIDE_TRAINABLE = {  # "default" (frozen) trains biases and saves the classifier; disjoint layers
+    "default": dict(r=4, init_weights=False, bias="all", modules_to_save=["classifier"]),
+    "second": dict(r=4, init_weights=False, target_modules=["key"]),
+}
+
+
+def test_a_frozen_adapter_beside_a_trainable_one_counts_and_trains_as_in_peft(tmp_path):
+    """Both active, "default" frozen: the count leaves out its blocks, copy and biases, as PEFT 0.21 does
+    for the blocks and copy (PEFT still counts a frozen adapter's biases, miss-jax freezes them: README's
+    PEFT differences), and the train step changes "second" only."""
+    torch_model = torch_peft_model("bert", {n: peft.MissConfig(**kw) for n, kw in FROZEN_BESIDE_TRAINABLE.items()})
+    torch_model.save_pretrained(str(tmp_path))
+    t = peft.PeftModel.from_pretrained(torch_twin("bert"), str(tmp_path))  # is_trainable=False
+    j = MissModel.from_pretrained(tm.flax_model("bert"), str(tmp_path))
+    frozen_biases = tree.count(j.adapter_params["bias"])
+    assert frozen_biases > 0 and t.get_nb_trainable_parameters()[0] == frozen_biases  # PEFT: biases stay trainable
+    assert j.get_nb_trainable_parameters()[0] == 0
+    t.load_adapter(str(tmp_path / "second"), "second", is_trainable=True)
+    j.load_adapter(str(tmp_path / "second"), "second", is_trainable=True)
+    t.base_model.set_adapter(["default", "second"])  # both active and trainable
+    j.set_adapter(["default", "second"])
+    both = j.get_nb_trainable_parameters()
+    assert both == t.get_nb_trainable_parameters()
+    t.set_requires_grad("default", False)
+    j.set_requires_grad("default", False)
+    assert j.frozen_adapters == ("default",) and j.active_adapters == ["default", "second"]
+    assert t.get_nb_trainable_parameters()[0] - frozen_biases == j.get_nb_trainable_parameters()[0]
+    assert j.get_nb_trainable_parameters()[0] == tree.count(j.adapter_params["miss"]["second"]) < both[0]
+
+    before = tree.flatten(j.adapter_params)
+    out = jax_outputs(j, "bert")
+    step = make_train_step(j, optax.adamw(1e-2, weight_decay=0.1), lambda o, b: jnp.mean(o.logits ** 2))
+    state = create_train_state(j, optax.adamw(1e-2, weight_decay=0.1))
+    for seed in range(2):
+        state, loss = step(j.params, state, tm.inputs("bert"), jax.random.PRNGKey(seed))
+        assert np.isfinite(float(loss))
+    after = tree.flatten(j.adapter_params)
+    for path, value in before.items():
+        moved = not np.array_equal(after[path], value)
+        assert moved == (path[:2] == ("miss", "second")), path  # default's blocks, copy and biases unchanged
+    assert np.abs(jax_outputs(j, "bert") - out).max() > 0
+    j.set_requires_grad("second", False)  # a step built before a freeze refuses to run
+    with pytest.raises(ValueError, match=r"built with adapters \['default'\] frozen.*build a new step"):
+        step(j.params, state, tm.inputs("bert"), jax.random.PRNGKey(2))
+    assert all(np.array_equal(v, after[p]) for p, v in tree.flatten(j.adapter_params).items())
 
 
 # --------------------------------------------------------------------------- bias modes, modules_to_save

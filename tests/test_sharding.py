@@ -370,3 +370,62 @@ def test_example_trains_merges_and_exports_on_a_4x2_mesh(tmp_path):
     assert out["losses"][-1] < out["losses"][0]
     assert T.latest_step(str(tmp_path / "checkpoint")) == 4
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+# --------------------------------------------------------------------------- 6. Linen nn.DenseGeneral layers
+
+# q/v kernels (D, H, HD) = (16, 2, 4): q sharded along its first `out` axis (heads), v along its second (head_dim),
+# whose flattened `out` is then no contiguous split; o kernel (H, HD, D): its one `out` axis sharded.
+GENERAL_RULES = (
+    (r"q_proj/kernel$", P(None, "model")),
+    (r"q_proj/bias$", P("model")),
+    (r"v_proj/kernel$", P(None, None, "model")),
+    (r"o_proj/kernel$", P(None, None, "model")),
+    (".*", P()),
+)
+GENERAL_CONFIGS = {
+    "balance": dict(r=4, init_weights=False, bias="MiSS_only"),
+    "mini": dict(r=4, mini_r=4, init_weights="mini"),
+    "bat": dict(r=4, init_weights="bat"),
+}
+GENERAL_SPECS = {  # variant -> layer -> block spec on a (4, 2) mesh
+    "balance": {"q_proj": P(None, "model"), "v_proj": P(), "o_proj": P(None, "model")},
+    "mini": {"q_proj": P(None, "model"), "v_proj": P(), "o_proj": P(None, "model")},
+    "bat": {"q_proj": P("model"), "v_proj": P(), "o_proj": P("model")},  # out // r = 2 and 4 blocks over 2
+}
+
+
+@pytest.mark.parametrize("variant", sorted(GENERAL_CONFIGS))
+def test_dense_general_blocks_follow_the_first_out_axis_and_the_sharded_step_equals_one_device(variant):
+    from test_dense_general import D, GENERAL_PARAMS, GeneralAttention, LinenModel, Net, mse, random_like
+
+    mesh = _mesh((4, 2))
+    config = MissConfig(target_modules=["q_proj", "v_proj", "o_proj"], **GENERAL_CONFIGS[variant])
+    models = [get_peft_model(LinenModel(Net(GeneralAttention), GENERAL_PARAMS), config) for _ in range(2)]
+    values = random_like(models[0].trainable_params(), seed=5)
+    for pm in models:
+        pm.update_params(values)
+    sharded, single = models
+    S.shard_peft_model(sharded, mesh, GENERAL_RULES)
+    for layer, spec in GENERAL_SPECS[variant].items():
+        block = sharded.adapter_params["miss"]["default"]["attn"][layer]["miss_block"]
+        assert _same_sharding(block, NamedSharding(mesh, spec)), (layer, block.sharding.spec)
+    if variant == "balance":
+        bias = sharded.adapter_params["bias"]["attn"]["q_proj"]["bias"]
+        assert bias.shape == (2, 4) and _same_sharding(bias, NamedSharding(mesh, P("model")))
+
+    keys = jax.random.split(jax.random.key(6), 2)
+    batch = {"x": jax.random.normal(keys[0], (8, 3, D)), "y": jax.random.normal(keys[1], (8, 3, D))}
+    step = S.make_sharded_train_step(sharded, TX, mse, mesh, GENERAL_RULES)
+    state = S.create_sharded_train_state(sharded, TX, mesh, GENERAL_RULES)
+    ref_step, ref_state = T.make_train_step(single, TX, mse), T.create_train_state(single, TX)
+    for rng in RNGS:
+        state, loss = step(sharded.params, state, S.shard_batch(batch, mesh), rng)
+        ref_state, ref_loss = ref_step(single.params, ref_state, batch, rng)
+        np.testing.assert_allclose(float(loss), float(ref_loss), atol=ATOL, rtol=0)
+    _assert_close(state.trainable, ref_state.trainable)
+    assert not np.allclose(np.asarray(state.trainable["miss"]["default"]["attn"]["q_proj"]["miss_block"]),
+                           np.asarray(values["miss"]["default"]["attn"]["q_proj"]["miss_block"]))
+    expected = S.adapter_shardings(sharded, mesh, GENERAL_RULES, sharded.trainable_params())
+    jax.tree_util.tree_map(lambda a, s: _assert(_same_sharding(a, s)), state.trainable, expected)
+    np.testing.assert_allclose(np.asarray(sharded(batch["x"])), np.asarray(single(batch["x"])), atol=ATOL, rtol=0)
