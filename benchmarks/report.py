@@ -77,7 +77,7 @@ def ratios(jax_model: Optional[dict[str, Any]], torch_model: Optional[dict[str, 
         r: dict[str, Any] = {}
         for stat in ("median", "min"):
             j, t = _entry(jax_model, group, case), _entry(torch_model, group, case)
-            get = lambda e: e[f"{stat}_s"] if e else None  # noqa: E731
+            get = lambda e: e.get(f"{stat}_s") if e else None  # noqa: E731
             r[f"jax_over_torch_{stat}"] = _div(get(j), get(t))
             base = {"forward": "base", "train": "full", "generate": "merged"}.get(group)
             if base and case != base:
@@ -115,7 +115,9 @@ def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[fl
     return out
 
 
-def _ms(e: Optional[dict[str, float]]) -> str:
+def _ms(e: Optional[dict[str, Any]]) -> str:
+    if e and "failed" in e:
+        return e["failed"]
     return "-" if not e else f"{1e3 * e['median_s']:.1f}"
 
 
@@ -156,7 +158,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_num(r.get('jax_over_torch_min'))} | "
                 f"{_num(r.get('jax_miss_over_base_median', r.get('jax_over_copy_median')))} | "
                 f"{_num(r.get('torch_miss_over_base_median', r.get('torch_over_copy_median')))} | "
-                f"{j['peak_rss_mb'] if j else '-'} | {t['peak_rss_mb'] if t else '-'} |")
+                f"{j.get('peak_rss_mb', '-') if j else '-'} | {t.get('peak_rss_mb', '-') if t else '-'} |")
         lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, generate (unmerged) "
                   "over the merged model's generate, merge_and_unload over copy_kernels (a copy of the same "
                   "kernels). long: a balance train step at length; `balance` uses blockwise attention and the "

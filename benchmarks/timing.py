@@ -223,7 +223,7 @@ def pin_threads(threads: int) -> list[int]:
 def isolated(script: str, settings: Any, model: str, case: str, xla_flags: str = "") -> dict[str, Any]:
     """Runs `script SETTINGS OUT --long-case MODEL CASE` (a side script measuring one case) in a fresh
     process with this process's environment (plus `xla_flags` appended to XLA_FLAGS) and CPUs, and returns
-    the JSON it wrote. `settings` is the run's `specs.Settings` (its `settings.json` lives in its workdir)."""
+    the JSON it wrote (a case killed by SIGKILL, as the OOM killer does, gives `{"failed": ...}`). `settings` is the run's `specs.Settings` (its `settings.json` lives in its workdir)."""
     import json
     import subprocess
     import sys
@@ -235,6 +235,8 @@ def isolated(script: str, settings: Any, model: str, case: str, xla_flags: str =
         cmd = [sys.executable, script, settings_path, out, "--long-case", model, case]
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode == -9:  # the kernel's OOM killer (or a user): recorded, the run goes on
+            return {"measure": {"failed": "killed by SIGKILL (out of memory)"}, "compiles": 0}
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
         with open(out) as f:

@@ -208,3 +208,18 @@ ENTRY %main (p__layer____kernel__.1: f32[3,5], x.2: f32[4,3]) -> f32[4,5] {
     no_dot = text.replace(" dot(%neg, %p__layer____kernel__.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
                           ' custom-call(%neg, %p__layer____kernel__.1), custom_call_target="__cublas$gemm"')
     assert hlo.dots(no_dot) == [] and hlo.train_step_facts(no_dot, {(3, 5)}, 4)["kernel_grad_dots"] is None
+
+
+def test_attention_benchmark_writes_every_case(tmp_path: Any) -> None:
+    out = tmp_path / "attention.json"
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "attention.py"), "--batch", "1", "--seq", "32",
+                           "--heads", "2", "--head-dim", "8", "--block-size", "8", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert list(result["cases"]) == ["jax/transformers", "jax/blockwise", "torch/sdpa"]
+    for name, case in result["cases"].items():
+        assert case["median_s"] > 0 and case["min_s"] <= case["median_s"] and case["minor_faults"] >= 0, name
+    assert result["cases"]["jax/blockwise"]["temp_mb"] >= 0 and result["meta"]["seq"] == 32
+    assert "| jax/blockwise |" in (tmp_path / "attention.md").read_text()
