@@ -200,9 +200,10 @@ def frozen_part(trainable_tree: Mapping, plan: Plan, frozen: Collection[str]) ->
     Same groups as the adapter pytree; train steps never update these leaves."""
     bias_paths = {path for name in frozen for path in plan.spec(name).bias_paths}
     return {
-        MISS: {n: v for n, v in trainable_tree[MISS].items() if n in frozen},
-        MODULES_TO_SAVE: {n: v for n, v in trainable_tree[MODULES_TO_SAVE].items() if n in frozen},
-        BIAS: tree.unflatten({p: v for p, v in tree.flatten(trainable_tree[BIAS]).items() if p[:-1] in bias_paths}),
+        MISS: {n: v for n, v in trainable_tree.get(MISS, {}).items() if n in frozen},
+        MODULES_TO_SAVE: {n: v for n, v in trainable_tree.get(MODULES_TO_SAVE, {}).items() if n in frozen},
+        BIAS: tree.unflatten({p: v for p, v in tree.flatten(trainable_tree.get(BIAS, {})).items()
+                              if p[:-1] in bias_paths}),
     }
 
 

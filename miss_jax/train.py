@@ -121,6 +121,8 @@ def train_step_fn(
     frozen = _frozen(peft_model, plan)
 
     def without_frozen(t: PyTree) -> PyTree:  # zeros in place of the frozen adapters' leaves
+        if not frozen:
+            return t
         zeros = {p: jnp.zeros_like(v) for p, v in tree.flatten(adapters.frozen_part(t, plan, frozen)).items()}
         return tree.replace_leaves(t, zeros)
 

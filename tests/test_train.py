@@ -92,6 +92,28 @@ def test_modules_to_save_and_bias_are_trained_too():
     assert np.array_equal(pm.params["classifier"]["kernel"], old_head)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_a_head_only_plan_trains_the_head(freeze):
+    """A plan with the blocks off and the classifier copy on (the demo's baseline): its trainable tree has
+    no block group, with or without a frozen adapter beside it."""
+    import dataclasses
+
+    pm = get_peft_model(tm.flax_model("bert"), MissConfig(r=4, modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    if freeze:
+        pm.add_adapter("other", MissConfig(r=4))
+        pm.set_adapter(["default", "other"])
+        pm.set_requires_grad("other", False)
+    head_only = dataclasses.replace(pm.plan, active=())
+    tx = optax.sgd(0.5)
+    head = jax.tree_util.tree_map(jnp.array, pm.trainable_params()["modules_to_save"])
+    state = T.init_train_state(tx, {"modules_to_save": head})
+    step = T.make_train_step(pm, tx, T.classification_loss, plan=head_only, update_model=False)
+    old = np.asarray(state.trainable["modules_to_save"]["default"]["classifier"]["kernel"])
+    new, loss = step(pm.params, state, _batch("bert", labels=jnp.array([0, 2])), jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
+    assert not np.allclose(new.trainable["modules_to_save"]["default"]["classifier"]["kernel"], old)
+
+
 def test_checkpoint_resume_gives_the_same_next_loss(llama, tmp_path):
     _, pm = llama
     tx = optax.adam(1e-2)
