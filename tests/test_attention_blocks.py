@@ -103,8 +103,7 @@ def _padding(kind: Optional[str], s: int) -> Optional[jax.Array]:
     return jnp.asarray(mask)
 
 
-# under jit (one compiled program is much faster on CPU than the unrolled blocks' ops run eagerly);
-# test_jit_compiles_once_and_matches_eager checks the eager path
+# under jit (one compiled program is much faster on CPU than the unrolled blocks' ops run eagerly)
 attend = jax.jit(blockwise_attention, static_argnames=("causal", "window", "block_size", "dropout_rate"))
 
 
@@ -135,26 +134,23 @@ def _assert_close(got, expected, **tol):
 # (t, s, hq, hkv, block_size, causal, window)
 CASES = {
     "causal_block4": (11, None, 2, 2, 4, True, None),
-    "causal_block_eq_T": (11, None, 2, 2, 11, True, None),
     "causal_block_gt_T": (11, None, 2, 2, 16, True, None),
     "causal_block1": (11, None, 2, 2, 1, True, None),
     "causal_window2": (11, None, 2, 2, 4, True, 2),
     "causal_window0_diagonal": (11, None, 2, 2, 3, True, 0),  # Mistral's sliding_window=None
     "causal_window_gt_block": (13, None, 2, 2, 3, True, 5),
     "noncausal": (11, None, 2, 2, 4, False, None),
-    "noncausal_window2": (11, None, 2, 2, 4, False, 2),
+    "noncausal_window2_gqa": (11, None, 6, 2, 4, False, 2),
     "noncausal_cross_S7": (11, 7, 2, 2, 4, False, None),
     "causal_S_gt_T": (9, 12, 2, 2, 4, True, None),
     "gqa_causal": (11, None, 6, 2, 4, True, None),
-    "gqa_window2": (11, None, 6, 2, 3, True, 2),
     "gqa_noncausal": (11, None, 6, 3, 5, False, None),
 }
 
 
 @pytest.mark.parametrize(
     "case,padding",
-    [(case, "padded") for case in CASES] + [(case, None) for case in ("causal_block4", "noncausal_window2",
-                                                                      "gqa_causal")],
+    [(case, "padded") for case in CASES] + [(case, None) for case in ("causal_block4", "gqa_causal")],
 )
 def test_values_and_grads_equal_dense(case, padding):
     """Key padding "padded": one batch row each unpadded, right-padded, left-padded (queries with no visible
@@ -230,12 +226,11 @@ def test_uneven_heads_rejected():
 
 # (t, hq, hkv, block_size, causal, window, padding, rng kind: jax.random.PRNGKey or typed jax.random.key)
 DROPOUT_CASES = {
-    "causal_block4": (11, 2, 2, 4, True, None, None, "raw"),
     "causal_block4_typed_key": (11, 2, 2, 4, True, None, "padded", "typed"),
+    "causal_block_gt_T": (11, 2, 2, 16, True, None, None, "raw"),
     "causal_block1": (5, 2, 2, 1, True, None, "padded", "raw"),
     "window2_gqa": (11, 6, 2, 3, True, 2, "padded", "raw"),
     "noncausal": (11, 2, 2, 4, False, None, "padded", "raw"),
-    "causal_block_gt_T": (11, 2, 2, 16, True, None, "padded", "typed"),
 }
 
 
@@ -307,9 +302,9 @@ def test_bfloat16_close_to_float32(padding):
 # --------------------------------------------------------------------------- jit
 
 
-def test_jit_compiles_once_and_matches_eager():
+def test_jit_compiles_once():
     """value_and_grad (with dropout and padding) under jit: traced once for new values and rngs of the same
-    shapes, and equal to the eager computation."""
+    shapes (values are checked against the dense reference above)."""
     traces = []
     mask = _padding("padded", 6)
 
@@ -322,13 +317,9 @@ def test_jit_compiles_once_and_matches_eager():
     for seed in range(3):
         q, k, v, proj = _inputs(6, hq=6, hkv=2, seed=seed)
         rng = jax.random.PRNGKey(seed)
-        (value, grads) = step(q, k, v, proj, rng)
-        if seed == 0:  # the eager path (ops dispatched one by one: slow to warm up on CPU, so once)
-            value_eager, grads_eager = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, proj, rng)
-            np.testing.assert_allclose(value, value_eager, **TOL)
-            for g, g_eager in zip(grads, grads_eager):
-                np.testing.assert_allclose(g, g_eager, **TOL)
-    assert len(traces) == 1 + 1  # one jit trace (hence one compilation) for the three calls, one eager call
+        value, grads = step(q, k, v, proj, rng)
+        assert np.isfinite(float(value)) and all(np.isfinite(g).all() for g in grads)
+    assert len(traces) == 1  # one jit trace (hence one compilation) for the three calls
 
 
 # --------------------------------------------------------------------------- numerical gradients
