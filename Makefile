@@ -16,7 +16,7 @@ BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
 MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py
 
-.PHONY: venv venv-modern test test-modern test-fast demo bench clean
+.PHONY: venv venv-modern test test-modern test-bench test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,15 +41,19 @@ $(STAMP_MODERN): pyproject.toml
 venv-modern: $(STAMP_MODERN)
 
 # One pytest worker per CPU (pytest-xdist), each test file on one worker (its module fixtures run once).
+# The benchmark harness's tests (tests/test_benchmarks.py, marker `bench`) run in `make test-bench`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not bench"
+
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench
 
 # NNX tests on the newest jax/flax; the PyTorch twins of the tunix tests run in $(VENV).
 test-modern: $(STAMP_MODERN) $(STAMP)
 	MISS_JAX_TORCH_PYTHON=$(abspath $(BIN))/python $(BIN_MODERN)/python -m pytest -q $(MODERN_TESTS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow and not bench"
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py

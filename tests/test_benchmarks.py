@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 MEASURE_FIELDS = ("median_s", "min_s", "cpu_s", "first_s", "transient_mb", "peak_rss_mb")
