@@ -187,6 +187,12 @@ def _flash_backward(causal, window, block, rate, out_dtype, res, d_out):
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
+def check_block_size(block_size: Any) -> None:
+    """ValueError unless `block_size` (queries per block) is a positive int."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+
+
 def blockwise_attention(
     query: jax.Array,
     key: jax.Array,
@@ -222,8 +228,7 @@ def blockwise_attention(
     s, hkv = key.shape[1], key.shape[2]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads evenly.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+    check_block_size(block_size)
     groups = hq // hkv
     query = query / jnp.sqrt(d).astype(query.dtype)
     q = query.reshape(b, t, hkv, groups, d).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
@@ -366,8 +371,7 @@ def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
     `blockwise_attention` with `block_size` queries per block (see the module docstring for the
     fallbacks). Enter it around the code that traces the forward, as `remat.checkpointing`.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+    check_block_size(block_size)
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx as flax_nnx
 from flax.core import unfreeze
 
-from . import adapters, generation, linen, losses, nnx, ops, programs, remat, tree
+from . import adapters, attention, generation, linen, losses, nnx, ops, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .programs import ATTN_IMPLEMENTATIONS, ForwardOptions
@@ -536,8 +536,8 @@ class MissModel:
         """
         if name not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"Unknown attention implementation {name!r}; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
-        if name == "blockwise" and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+        if name == "blockwise":
+            attention.check_block_size(block_size)
         size = block_size if name == "blockwise" else None
         self.forward_options = dataclasses.replace(self.forward_options, attention_block_size=size)
 

@@ -717,7 +717,7 @@ class MissNnxModel(nnx.Module):
         their values. If it was active, the other active adapters (else the first by name) stay or become
         active, and trainable (all as in PEFT)."""
         if adapter_name not in self.adapters:
-            raise ValueError(f"Unknown adapter {adapter_name!r}; this model has {list(self.adapters)}.")
+            raise adapters.unknown_adapter(adapter_name, list(self.adapters))
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
         modules = _modules(self.base_model)
@@ -751,7 +751,7 @@ class MissNnxModel(nnx.Module):
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         for n in names:
             if n not in self.adapters:
-                raise ValueError(f"Unknown adapter {n!r}; this model has {list(self.adapters)}.")
+                raise adapters.unknown_adapter(n, list(self.adapters))
         layers = miss_layers(self.base_model)
         if safe_merge:
             for key, layer in layers.items():

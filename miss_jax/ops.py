@@ -38,6 +38,13 @@ Array = jax.Array
 AxisEntry = Union[None, str, tuple[str, ...]]  # a PartitionSpec entry: replicated, one mesh axis or several
 
 
+def axis_names(entry: AxisEntry) -> tuple[str, ...]:
+    """The mesh axes a partition-spec entry names: `()` for None, one name, or the tuple's names."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _check_layout(layout: str) -> None:
     if layout not in ("flax", "torch"):
         raise ValueError(f"Unknown kernel layout {layout!r}; expected 'flax' (in, out) or 'torch' (out, in).")
@@ -316,7 +323,7 @@ class Variant:
         (('model', None, None), (None, None, None))
         """
         spec: list[AxisEntry] = [None] * len(block_shape)
-        names = () if out is None else (out,) if isinstance(out, str) else tuple(out)
+        names = axis_names(out)
         if names and mesh_shape is not None and all(n in mesh_shape for n in names):
             axis, size = self.out_axis(block_shape)
             if size % math.prod(mesh_shape[n] for n in names) == 0:

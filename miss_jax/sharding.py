@@ -135,22 +135,16 @@ def llama_batch_spec(strategy: str, data_axis: str = DATA_AXIS, model_axis: str 
 # --------------------------------------------------------------------------- partition specs
 
 
-def _axis_names(entry: AxisEntry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def axis_size(mesh: Mesh, entry: AxisEntry) -> int:
     """Number of shards a PartitionSpec entry (None, an axis name or a tuple of names) makes on `mesh`."""
-    return math.prod(mesh.shape[n] for n in _axis_names(entry))
+    return math.prod(mesh.shape[n] for n in ops.axis_names(entry))
 
 
 def _check_spec(key: str, spec: P, shape: tuple[int, ...], mesh: Mesh) -> None:
     if len(spec) > len(shape):
         raise ValueError(f"Partition spec {spec} for {key!r} has more entries than the param's shape {shape}.")
     for dim, entry in zip(shape, spec):
-        unknown = [n for n in _axis_names(entry) if n not in mesh.shape]
+        unknown = [n for n in ops.axis_names(entry) if n not in mesh.shape]
         if unknown:
             raise ValueError(
                 f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}."
