@@ -62,19 +62,38 @@ def _key_range(start: int, block: int, s: int, causal: bool, window: Optional[in
     return lo, max(hi, lo + 1)
 
 
-def _block_scores(q: jax.Array, k: jax.Array, key_ok: jax.Array, start: int, lo: int, causal: bool,
-                  window: Optional[int]) -> jax.Array:
-    """Masked float32 scores `(B, Hkv, G, block, hi-lo)` of query block `q` `(B, Hkv, G, block, D)` against
-    keys `k` `(B, Hkv, hi-lo, D)` (sequence indices from `lo`); `key_ok` `(B, hi-lo)` bool."""
-    rows = start + jnp.arange(q.shape[3])[:, None]
-    cols = lo + jnp.arange(k.shape[2])[None, :]
-    allowed = jnp.ones((q.shape[3], k.shape[2]), bool)
+def _allowed(start: int, block: int, lo: int, keys: int, causal: bool, window: Optional[int]) -> jax.Array:
+    """Bool `(block, keys)`: query `start + i` may see key `lo + j` by position (causal, window)."""
+    rows = start + jnp.arange(block)[:, None]
+    cols = lo + jnp.arange(keys)[None, :]
+    allowed = jnp.ones((block, keys), bool)
     if causal:
         allowed &= cols <= rows
     if window is not None:
         allowed &= rows - cols <= window
+    return allowed
+
+
+def _block_scores(q: jax.Array, k: jax.Array, key_ok: jax.Array, start: int, lo: int, causal: bool,
+                  window: Optional[int]) -> jax.Array:
+    """Masked float32 scores `(B, Hkv, G, block, hi-lo)` of query block `q` `(B, Hkv, G, block, D)` against
+    keys `k` `(B, Hkv, hi-lo, D)` (sequence indices from `lo`); `key_ok` `(B, hi-lo)` bool."""
+    allowed = _allowed(start, q.shape[3], lo, k.shape[2], causal, window)
     allowed = allowed[None, None, None] & key_ok[:, None, None, None, :]
     return jnp.where(allowed, _matmul(q, k, "bhqd,bhkd->bhqk"), NEG)  # = scores + NEG where masked, in float32
+
+
+def _block_scores_t(q: jax.Array, k: jax.Array, key_ok: jax.Array, start: int, lo: int, causal: bool,
+                    window: Optional[int]) -> jax.Array:
+    """`_block_scores` transposed: float32 `(B, Hkv, hi-lo, G * block)` (keys by (group, query)) of `q`
+    `(B, Hkv, G, block, D)` against `k` `(B, Hkv, hi-lo, D)`. The backward works in this orientation: its
+    two products over the block's queries (`dV`, `dK`) are then plain row-major matmuls (XLA:CPU runs
+    a product that contracts the leading axis of both operands 2-3x slower)."""
+    b, h, g, block, d = q.shape
+    allowed = jnp.tile(_allowed(start, block, lo, k.shape[2], causal, window).T, (1, g))
+    allowed = allowed[None, None] & key_ok[:, None, :, None]
+    scores = jnp.einsum("bhkd,bhqd->bhkq", k, q.reshape(b, h, g * block, d), preferred_element_type=jnp.float32)
+    return jnp.where(allowed, scores, NEG)
 
 
 def _matmul(x: jax.Array, y: jax.Array, spec: str) -> jax.Array:
@@ -84,14 +103,6 @@ def _matmul(x: jax.Array, y: jax.Array, spec: str) -> jax.Array:
     b, h, g, q = x.shape[:4]
     out = jnp.einsum(spec, x.reshape(b, h, g * q, -1), y, preferred_element_type=jnp.float32)
     return out.reshape(b, h, g, q, -1)
-
-
-def _contract_rows(x: jax.Array, y: jax.Array) -> jax.Array:
-    """`x^T y` over the group and query axes: `(B, Hkv, G, block, k)`, `(B, Hkv, G, block, d)` -> float32
-    `(B, Hkv, k, d)`."""
-    b, h, g, q = x.shape[:4]
-    return jnp.einsum("bhqk,bhqd->bhkd", x.reshape(b, h, g * q, -1), y.reshape(b, h, g * q, -1),
-                      preferred_element_type=jnp.float32)
 
 
 def _after(x: jax.Array, previous: Optional[jax.Array]) -> jax.Array:
@@ -166,19 +177,27 @@ def _flash_backward(causal, window, block, rate, out_dtype, res, d_out):
     dq_dead = jnp.einsum("bhij,bhgtj->bhgti", kv, d_dead)
     dk = jnp.einsum("bhsj,bhij->bhsi", v0, qd)
     dv = jnp.broadcast_to(d_dead.sum((2, 3))[:, :, None] / s, v.shape)
+    b, h, g = q.shape[:3]
+
+    def fold(x: jax.Array) -> jax.Array:  # (B, Hkv, G, n, X) -> (B, Hkv, G * n, X)
+        return x.reshape(b, h, g * x.shape[3], x.shape[4])
+
     dqs = []
     for i, start in enumerate(range(0, t, block)):
         lo, hi = _key_range(start, block, s, causal, window)
-        qb, kb, vb = _after(q[:, :, :, start:start + block], dqs[-1] if dqs else None), k[:, :, lo:hi], v[:, :, lo:hi]
-        rows = slice(start, start + block)
-        p = jnp.exp(_block_scores(qb, kb, key_ok[:, lo:hi], start, lo, causal, window) - lse[:, :, :, rows])
-        drop = _dropout(rng, rate, i, p.shape[-2:])
-        dob = d_out[:, :, :, rows]
-        dv = dv.at[:, :, lo:hi].add(_contract_rows(p if drop is None else p * drop, dob))
-        dp = _matmul(dob, vb, "bhqd,bhkd->bhqk")
-        ds = p * ((dp if drop is None else dp * drop) - delta[:, :, :, rows])
-        dqs.append(_matmul(ds, kb, "bhqk,bhkd->bhqd"))
-        dk = dk.at[:, :, lo:hi].add(_contract_rows(ds, qb))
+        rows, kb, vb = slice(start, start + block), k[:, :, lo:hi], v[:, :, lo:hi]
+        qb, dob = (_after(x[:, :, :, rows], dqs[-1] if dqs else None) for x in (q, d_out))
+        n = qb.shape[3]
+        # (keys, group x query) orientation: dV and dK below are then plain matmuls
+        p_t = jnp.exp(_block_scores_t(qb, kb, key_ok[:, lo:hi], start, lo, causal, window)
+                      - fold(lse[:, :, :, rows]).swapaxes(2, 3))
+        drop = _dropout(rng, rate, i, (n, hi - lo))
+        drop_t = None if drop is None else jnp.tile(drop.T, (1, g))
+        dv = dv.at[:, :, lo:hi].add(jnp.einsum("bhkq,bhqd->bhkd", p_t if drop_t is None else p_t * drop_t, fold(dob)))
+        dp_t = jnp.einsum("bhkd,bhqd->bhkq", vb, fold(dob), preferred_element_type=jnp.float32)
+        ds_t = p_t * ((dp_t if drop_t is None else dp_t * drop_t) - fold(delta[:, :, :, rows]).swapaxes(2, 3))
+        dk = dk.at[:, :, lo:hi].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, fold(qb), preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bhkq,bhkd->bhqd", ds_t, kb, preferred_element_type=jnp.float32).reshape(b, h, g, n, -1))
     d_key_ok = np.zeros(key_ok.shape, jax.dtypes.float0)
     d_rng = None if rng is None else np.zeros(rng.shape, jax.dtypes.float0)
     return ((jnp.concatenate(dqs, 3) + dq_dead).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_key_ok, d_rng)
