@@ -12,8 +12,9 @@ named `lm_head`: Llama, Mistral, Gemma, GPT-2, GPT-Neo, GPT-J, OPT, ...) does no
 on as `outputs.logits`. Tied embeddings are covered: those models call
 `lm_head.apply({"params": {"kernel": embedding.T}}, hidden)`, so the captured kernel is the
 transposed embedding and gradients reach it. `chunked_causal_lm_loss` then computes the
-cross-entropy over `chunk_size` tokens at a time in a `jax.checkpoint`ed `lax.map`: at most one
-`(chunk_size, vocab)` float32 block exists, forward and backward.
+cross-entropy over `chunk_size` tokens at a time (a `lax.scan`), and, when differentiated, each block's
+gradient with its logits (a `jax.custom_vjp`): at most one `(chunk_size, vocab)` float32 block of
+logits exists, and they are computed once.
 
 MiSS adapters on the lm_head: `bat` adapters, `modules_to_save` copies and trained biases change the
 params the model runs with, so the captured kernel includes them; balance/mini adapters add a term in
@@ -152,10 +153,14 @@ def chunked_cross_entropy(
     Args:
       hidden: `(N, H)`; kernel: `(H, V)`; bias: `(V,)` or None.
       labels: `(N,)` integers in `[0, V)` where `mask` (ignored elsewhere); mask: `(N,)` bool.
-      chunk_size: rows per block; the largest transient is `(chunk_size, V)` float32.
+      chunk_size: rows per block; the largest transients are two `(chunk_size, V)` float32 blocks.
 
     Returns `(loss_sum, count)`, float32 scalars. Logits are computed in float32
-    (`preferred_element_type`); each block is rematerialised in the backward pass.
+    (`preferred_element_type`), one block at a time. Differentiated (reverse mode), each block's
+    gradient `(softmax - onehot) @ kernel^T` is computed with the block's logits in the forward pass and
+    kept (`(N, H)` float32), so the logits are never computed twice (a checkpointed block would recompute
+    them in the backward: a third `N x H x V` matmul); kernel and bias gradients are accumulated the same
+    way, only when they are being differentiated.
     """
     n, h = hidden.shape
     n_chunks = -(-n // chunk_size)
@@ -163,16 +168,69 @@ def chunked_cross_entropy(
     hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, h)
     labels = jnp.pad(jnp.where(mask, labels, 0), (0, pad)).reshape(n_chunks, chunk_size)
     mask = jnp.pad(mask, (0, pad)).reshape(n_chunks, chunk_size)
+    return _cross_entropy_sum(hidden, kernel, bias, labels, mask), mask.sum().astype(jnp.float32)
 
-    def one_chunk(h_chunk: jax.Array, y: jax.Array, m: jax.Array) -> jax.Array:
-        logits = jnp.dot(h_chunk, kernel, preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-        return jnp.sum(jnp.where(m, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
 
-    sums = jax.lax.map(lambda xs: jax.checkpoint(one_chunk, prevent_cse=False)(*xs), (hidden, labels, mask))
-    return sums.sum(), mask.sum().astype(jnp.float32)
+def _block_logits(hidden: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """float32 `(n, V)` logits of `hidden` `(n, H)`."""
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias.astype(jnp.float32)
+
+
+def _block_terms(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(summed loss, log-sum-exp (n,))` of one block's logits `(n, V)`."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(mask, lse - picked, 0.0)), lse
+
+
+@jax.custom_vjp
+def _cross_entropy_sum(hidden: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], labels: jax.Array,
+                       mask: jax.Array) -> jax.Array:
+    """Summed masked cross-entropy of `hidden` `(C, n, H)` blocks (labels, mask `(C, n)`): the value only."""
+
+    def block(total: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+        h, y, m = xs
+        return total + _block_terms(_block_logits(h, kernel, bias), y, m)[0], None
+
+    return jax.lax.scan(block, jnp.zeros((), jnp.float32), (hidden, labels, mask))[0]
+
+
+def _cross_entropy_sum_fwd(hidden: Any, kernel: Any, bias: Any, labels: Any, mask: Any) -> tuple[jax.Array, tuple]:
+    """The value and, per differentiated input, its gradient (the residuals). The arguments are
+    `CustomVJPPrimal`s (`symbolic_zeros=True`): `.perturbed` says which gradients are wanted."""
+    h_all, k, y_all, m_all = hidden.value, kernel.value, labels.value, mask.value
+    b = None if bias is None else bias.value
+    want_b = bias is not None and bias.perturbed
+    vocab = k.shape[1]
+
+    def block(carry: tuple, xs: tuple) -> tuple[tuple, Optional[jax.Array]]:
+        total, dk, db = carry
+        h, y, m = xs
+        logits = _block_logits(h, k, b)
+        loss, lse = _block_terms(logits, y, m)
+        probs = jnp.exp(logits - lse[:, None])
+        d_logits = jnp.where(m[:, None], jnp.where(jnp.arange(vocab) == y[:, None], probs - 1.0, probs), 0.0)
+        dh = jnp.dot(d_logits, k.T, preferred_element_type=jnp.float32) if hidden.perturbed else None
+        if kernel.perturbed:
+            dk = dk + jnp.dot(h.T, d_logits, preferred_element_type=jnp.float32)
+        if want_b:
+            db = db + d_logits.sum(0)
+        return (total + loss, dk, db), dh
+
+    zeros = (jnp.zeros(k.shape, jnp.float32) if kernel.perturbed else None,
+             jnp.zeros(vocab, jnp.float32) if want_b else None)
+    (total, dk, db), dh = jax.lax.scan(block, (jnp.zeros((), jnp.float32), *zeros), (h_all, y_all, m_all))
+    cast = lambda grad, like: None if grad is None else grad.astype(like.dtype)  # noqa: E731
+    return total, (cast(dh, h_all), cast(dk, k), cast(db, b))
+
+
+def _cross_entropy_sum_bwd(res: tuple, g: jax.Array) -> tuple:
+    """The kept gradients times the loss's cotangent `g`; none for labels and mask."""
+    return *((None if grad is None else (g * grad).astype(grad.dtype)) for grad in res), None, None
+
+
+_cross_entropy_sum.defvjp(_cross_entropy_sum_fwd, _cross_entropy_sum_bwd, symbolic_zeros=True)
 
 
 def shifted_labels(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -319,6 +319,38 @@ def test_chunked_loss_with_bat_lm_head_and_no_mask():
     _assert_trees_close(grads_c, grads)
 
 
+@pytest.mark.parametrize("argnums", [(0, 1, 2), (0,), (1, 2)])
+def test_chunked_cross_entropy_gradients_equal_autodiff(argnums):
+    # 13 rows in chunks of 4 (padding), a masked row, a bias; gradients only for the inputs asked for
+    r = np.random.default_rng(0)
+    hidden, kernel, bias = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((13, 6), (6, 11), (11,)))
+    labels = jnp.asarray(r.integers(0, 11, 13))
+    mask = jnp.arange(13) != 3
+
+    def plain(h, k, b):
+        losses_ = jax.nn.logsumexp(h @ k + b, -1) - jnp.take_along_axis(h @ k + b, labels[:, None], -1)[:, 0]
+        return jnp.where(mask, losses_, 0.0).sum()
+
+    def chunked(h, k, b):
+        return losses.chunked_cross_entropy(h, k, labels, mask, b, chunk_size=4)[0]
+
+    want = jax.value_and_grad(plain, argnums)(hidden, kernel, bias)
+    got = jax.jit(jax.value_and_grad(chunked, argnums))(hidden, kernel, bias)
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, **TOL)
+    np.testing.assert_allclose(jax.jit(chunked)(hidden, kernel, bias), want[0], **TOL)  # value only: no gradients
+    assert float(losses.chunked_cross_entropy(hidden, kernel, labels, mask, bias, chunk_size=4)[1]) == 12
+
+
+def test_chunked_cross_entropy_keeps_the_hidden_dtype():
+    hidden = jnp.ones((8, 4), jnp.bfloat16)
+    grad = jax.grad(lambda h: losses.chunked_cross_entropy(h, jnp.ones((4, 5)), jnp.zeros(8, jnp.int32),
+                                                           jnp.ones(8, bool), chunk_size=3)[0])(hidden)
+    assert grad.dtype == jnp.bfloat16 and grad.shape == (8, 4)
+    np.testing.assert_allclose(grad.astype(np.float32), np.zeros((8, 4)), atol=1e-6)  # (softmax - onehot) @ ones = 0
+
+
 def test_check_plan_rejects_additive_lm_head():
     pm = _adapted("llama", target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="bat"):
