@@ -8,11 +8,12 @@ the module's own submodules (projections, rotary embedding, dropout), so MiSS's 
 flash-style formulation: queries in blocks of `block_size`, each block against only the keys it can
 see (causal: up to the block's end, so about half of the `T x T` scores are computed; a sliding window
 also cuts the start), the softmax's log-sum-exp kept per query, and a `jax.custom_vjp` whose backward
-recomputes each block's weights from it. Nothing of size `T x T` exists at any time, and the blocks run
-one after the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and
-would otherwise start every block's scores at once). On a 2-core CPU, one Llama layer's attention at
-2 x 2048 (8 heads of 64) takes 0.45 s forward and backward instead of transformers' 0.93 s
-(benchmarks/README.md; PyTorch's fused CPU kernel: 0.28 s).
+recomputes each block's weights from it, transposed (keys by queries, so that its products over the
+queries are row-major matmuls). Nothing of size `T x T` exists at any time, and the blocks run one after
+the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and would
+otherwise start every block's scores at once). On a 2-vCPU AMD EPYC, one Llama layer's attention at
+2 x 2048 (8 heads of 64) takes 0.36 s forward and backward instead of transformers' 0.80 s
+(`benchmarks/attention.py`; PyTorch's fused CPU kernel: 0.26 s).
 
 Covered modules (transformers class name -> family):
   * `FlaxLlamaAttention`, `FlaxGemmaAttention`: causal, RoPE, grouped-query attention.

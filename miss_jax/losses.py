@@ -13,8 +13,8 @@ on as `outputs.logits`. Tied embeddings are covered: those models call
 `lm_head.apply({"params": {"kernel": embedding.T}}, hidden)`, so the captured kernel is the
 transposed embedding and gradients reach it. `chunked_causal_lm_loss` then computes the
 cross-entropy over `chunk_size` tokens at a time (a `lax.scan`), and, when differentiated, each block's
-gradient with its logits (a `jax.custom_vjp`): at most one `(chunk_size, vocab)` float32 block of
-logits exists, and they are computed once.
+gradient with its logits (a `jax.custom_vjp`): the logits exist one `(chunk_size, vocab)` float32 block
+at a time (with that block's softmax), and each is computed once.
 
 MiSS adapters on the lm_head: `bat` adapters, `modules_to_save` copies and trained biases change the
 params the model runs with, so the captured kernel includes them; balance/mini adapters add a term in
@@ -286,7 +286,7 @@ class ChunkedCausalLMLoss:
 
     It carries what the train step needs to know: `forward_context()` (the forward is traced inside
     `lm_head_inputs()`) and `check(plan)` (`check_plan`). Same value and gradients as
-    `causal_lm_loss`; at most one `(chunk_size, vocab)` float32 block of logits exists at a time.
+    `causal_lm_loss`; the logits exist one `(chunk_size, vocab)` float32 block at a time, each computed once.
     """
 
     chunk_size: int = 1024
