@@ -7,7 +7,8 @@ the module's own submodules (projections, rotary embedding, dropout), so MiSS's 
 `q_proj`/`k_proj`/`c_attn`/... still applies, and replaces the weights by `blockwise_attention`, a
 flash-style formulation: queries in blocks of `block_size`, each block against only the keys it can
 see (causal: up to the block's end, so about half of the `T x T` scores are computed; a sliding window
-also cuts the start), the softmax's log-sum-exp kept per query, and a `jax.custom_vjp` whose backward
+also cuts the start), those keys `KEY_CHUNK` at a time with an online softmax (each step's tiles stay in
+cache), the softmax's log-sum-exp kept per query, and a `jax.custom_vjp` whose backward
 recomputes each block's weights from it, transposed (keys by queries, so that its products over the
 queries are row-major matmuls). Nothing of size `T x T` exists at any time, and the blocks run one after
 the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and would
@@ -61,6 +62,14 @@ def _key_range(start: int, block: int, s: int, causal: bool, window: Optional[in
     hi = min(start + block, s) if causal else s
     lo = min(max(0, start - window), s - 1) if window is not None else 0  # past the keys: all masked
     return lo, max(hi, lo + 1)
+
+
+KEY_CHUNK = 512  # keys per step within a query block: one step's (block, keys) float32 tiles stay in cache
+
+
+def _key_chunks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """`[lo, hi)` in spans of at most `KEY_CHUNK` keys."""
+    return [(c, min(c + KEY_CHUNK, hi)) for c in range(lo, hi, KEY_CHUNK)]
 
 
 def _allowed(start: int, block: int, lo: int, keys: int, causal: bool, window: Optional[int]) -> jax.Array:
@@ -138,20 +147,27 @@ def _flash_forward(q, k, v, key_ok, rng, causal, window, block, rate, out_dtype)
     mean of `v` (without dropout); its log-sum-exp is recorded as `+inf`, which the backward reads."""
     t, s = q.shape[3], k.shape[2]
     v_mean = v.astype(jnp.float32).mean(2, keepdims=True)[:, :, None]  # (B, Hkv, 1, 1, D)
-    outs, lses = [], []
+    outs, lses, previous = [], [], None
     for i, start in enumerate(range(0, t, block)):
         lo, hi = _key_range(start, block, s, causal, window)
-        qb = _after(q[:, :, :, start:start + block], outs[-1] if outs else None)
-        scores = _block_scores(qb, k[:, :, lo:hi], key_ok[:, lo:hi], start, lo, causal, window)
-        m = scores.max(-1, keepdims=True)
-        p = jnp.exp(scores - m)
-        total = p.sum(-1, keepdims=True)
-        drop = _dropout(rng, rate, i, p.shape[-2:])
-        if drop is not None:
-            p = p * drop
+        drop = _dropout(rng, rate, i, (min(block, t - start), hi - lo))
+        q_block = q[:, :, :, start:start + block]
+        # online softmax over key chunks: running max m, sum total and output acc
+        m = jnp.full(q_block.shape[:4] + (1,), NEG, jnp.float32)
+        total = jnp.zeros_like(m)
+        acc = jnp.zeros(q_block.shape, jnp.float32)
+        for c0, c1 in _key_chunks(lo, hi):
+            qb = _after(q_block, previous)
+            scores = _block_scores(qb, k[:, :, c0:c1], key_ok[:, c0:c1], start, c0, causal, window)
+            m_new = jnp.maximum(m, scores.max(-1, keepdims=True))
+            p, scale = jnp.exp(scores - m_new), jnp.exp(m - m_new)
+            total = total * scale + p.sum(-1, keepdims=True)
+            if drop is not None:
+                p = p * drop[:, c0 - lo:c1 - lo]
+            acc = acc * scale + _matmul(p.astype(v.dtype), v[:, :, c0:c1], "bhqk,bhkd->bhqd")
+            m, previous = m_new, acc
         dead = m <= NEG / 2  # every visible key masked
-        o = _matmul(p.astype(v.dtype), v[:, :, lo:hi], "bhqk,bhkd->bhqd") / total
-        outs.append(jnp.where(dead, v_mean, o).astype(out_dtype))
+        outs.append(jnp.where(dead, v_mean, acc / total).astype(out_dtype))
         lses.append(jnp.where(dead, jnp.inf, m + jnp.log(total)))
     out = jnp.concatenate(outs, 3)
     return out, (q, k, v, key_ok, rng, out, jnp.concatenate(lses, 3))
@@ -183,22 +199,26 @@ def _flash_backward(causal, window, block, rate, out_dtype, res, d_out):
     def fold(x: jax.Array) -> jax.Array:  # (B, Hkv, G, n, X) -> (B, Hkv, G * n, X)
         return x.reshape(b, h, g * x.shape[3], x.shape[4])
 
-    dqs = []
+    dqs, previous = [], None
     for i, start in enumerate(range(0, t, block)):
         lo, hi = _key_range(start, block, s, causal, window)
-        rows, kb, vb = slice(start, start + block), k[:, :, lo:hi], v[:, :, lo:hi]
-        qb, dob = (_after(x[:, :, :, rows], dqs[-1] if dqs else None) for x in (q, d_out))
-        n = qb.shape[3]
-        # (keys, group x query) orientation: dV and dK below are then plain matmuls
-        p_t = jnp.exp(_block_scores_t(qb, kb, key_ok[:, lo:hi], start, lo, causal, window)
-                      - fold(lse[:, :, :, rows]).swapaxes(2, 3))
+        rows = slice(start, start + block)
+        n = min(block, t - start)
         drop = _dropout(rng, rate, i, (n, hi - lo))
-        drop_t = None if drop is None else jnp.tile(drop.T, (1, g))
-        dv = dv.at[:, :, lo:hi].add(jnp.einsum("bhkq,bhqd->bhkd", p_t if drop_t is None else p_t * drop_t, fold(dob)))
-        dp_t = jnp.einsum("bhkd,bhqd->bhkq", vb, fold(dob), preferred_element_type=jnp.float32)
-        ds_t = p_t * ((dp_t if drop_t is None else dp_t * drop_t) - fold(delta[:, :, :, rows]).swapaxes(2, 3))
-        dk = dk.at[:, :, lo:hi].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, fold(qb), preferred_element_type=jnp.float32))
-        dqs.append(jnp.einsum("bhkq,bhkd->bhqd", ds_t, kb, preferred_element_type=jnp.float32).reshape(b, h, g, n, -1))
+        lse_t, delta_t = (fold(x[:, :, :, rows]).swapaxes(2, 3) for x in (lse, delta))  # (B, Hkv, 1, G * n)
+        dq = jnp.zeros((b, h, g * n, q.shape[4]), jnp.float32)
+        for c0, c1 in _key_chunks(lo, hi):
+            kb, vb = k[:, :, c0:c1], v[:, :, c0:c1]
+            qb, dob = (_after(x[:, :, :, rows], previous) for x in (q, d_out))
+            # (keys, group x query) orientation: dV and dK below are then plain matmuls
+            p_t = jnp.exp(_block_scores_t(qb, kb, key_ok[:, c0:c1], start, c0, causal, window) - lse_t)
+            drop_t = None if drop is None else jnp.tile(drop[:, c0 - lo:c1 - lo].T, (1, g))
+            dv = dv.at[:, :, c0:c1].add(jnp.einsum("bhkq,bhqd->bhkd", p_t if drop_t is None else p_t * drop_t, fold(dob)))
+            dp_t = jnp.einsum("bhkd,bhqd->bhkq", vb, fold(dob), preferred_element_type=jnp.float32)
+            ds_t = p_t * ((dp_t if drop_t is None else dp_t * drop_t) - delta_t)
+            dk = dk.at[:, :, c0:c1].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, fold(qb), preferred_element_type=jnp.float32))
+            dq = previous = dq + jnp.einsum("bhkq,bhkd->bhqd", ds_t, kb, preferred_element_type=jnp.float32)
+        dqs.append(dq.reshape(b, h, g, n, -1))
     d_key_ok = np.zeros(key_ok.shape, jax.dtypes.float0)
     d_rng = None if rng is None else np.zeros(rng.shape, jax.dtypes.float0)
     return ((jnp.concatenate(dqs, 3) + dq_dead).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_key_ok, d_rng)
@@ -221,7 +241,7 @@ def blockwise_attention(
     *,
     causal: bool = True,
     window: Optional[int] = None,
-    block_size: int = 256,
+    block_size: int = 128,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
 ) -> jax.Array:
@@ -234,9 +254,10 @@ def blockwise_attention(
       key_mask: `(B, S)`, nonzero where a key may be attended to (None: all).
       causal: query `i` sees keys `j <= i`.
       window: also `i - j <= window` (None: no window).
-      block_size: queries per block; the largest transient is `(B, Hq, block_size, keys)` float32, where
-        `keys` is the span the block's queries can see (causal: up to the block's end; window: from
-        `window` keys before its start), so a causal model computes about half of the `T x S` scores.
+      block_size: queries per block. A block is scored against the keys its queries can see (causal: up
+        to the block's end; window: from `window` keys before its start), so a causal model computes
+        about half of the `T x S` scores, `KEY_CHUNK` (512) keys at a time with an online softmax: the
+        largest transient is `(B, Hq, block_size, 512)` float32.
       dropout_rate, dropout_rng: attention dropout on the weights (broadcast over batch and heads).
 
     Returns `(B, T, Hq, D)` in `value`'s dtype. Scores are `query / sqrt(D) @ key^T` in float32 plus
@@ -386,7 +407,7 @@ _plain = _Plain()
 
 
 @contextlib.contextmanager
-def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
+def memory_efficient_attention(block_size: int = 128) -> Iterator[None]:
     """Within this context, the self-attention of the modules in `FAMILIES` traced in a Linen call runs
     `blockwise_attention` with `block_size` queries per block (see the module docstring for the
     fallbacks). Enter it around the code that traces the forward, as `remat.checkpointing`.

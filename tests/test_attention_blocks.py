@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from miss_jax import attention
 from miss_jax.attention import blockwise_attention
 
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -155,6 +156,18 @@ CASES = {
 def test_values_and_grads_equal_dense(case, padding):
     """Key padding "padded": one batch row each unpadded, right-padded, left-padded (queries with no visible
     key) and fully padded; None: no key_mask."""
+    _check_case(case, padding)
+
+
+@pytest.mark.parametrize("case", ["causal_block4", "causal_window_gt_block", "gqa_noncausal", "causal_S_gt_T"])
+def test_several_key_chunks_equal_dense(case, monkeypatch):
+    """A query block's keys in chunks of 3 (`KEY_CHUNK`): the forward's online softmax, including a first
+    chunk whose keys are all masked (the left-padded row) before visible ones, and the backward's sums."""
+    monkeypatch.setattr(attention, "KEY_CHUNK", 3)
+    _check_case(case, "padded")
+
+
+def _check_case(case: str, padding: Optional[str]) -> None:
     t, s, hq, hkv, block, causal, window = CASES[case]
     q, k, v, proj = _inputs(t, s, hq, hkv)
     mask = _padding(padding, k.shape[1])
@@ -234,8 +247,10 @@ DROPOUT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(DROPOUT_CASES))
-def test_dropout_equals_dense_with_the_same_masks(case):
+@pytest.mark.parametrize("case,key_chunk", [(case, None) for case in DROPOUT_CASES] + [("window2_gqa", 2)])
+def test_dropout_equals_dense_with_the_same_masks(case, key_chunk, monkeypatch):
+    if key_chunk is not None:  # each block's mask split over the key chunks
+        monkeypatch.setattr(attention, "KEY_CHUNK", key_chunk)
     t, hq, hkv, block, causal, window, padding, key_kind = DROPOUT_CASES[case]
     rate = 0.3
     q, k, v, proj = _inputs(t, None, hq, hkv)
