@@ -40,7 +40,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=128, help="blockwise_attention's queries per block")
+    p.add_argument("--block-size", type=int, default=256, help="blockwise_attention's queries per block")
     p.add_argument("--threads", type=int, default=None, help="CPUs for both frameworks (default: all allowed)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(HERE, "results", "attention-cpu.json"))

@@ -124,7 +124,7 @@ def train(peft_model: Any, stream: np.ndarray, args: argparse.Namespace) -> list
     if args.remat:
         peft_model.gradient_checkpointing_enable()
     if args.blockwise:
-        peft_model.set_attn_implementation("blockwise", block_size=min(128, args.seq))
+        peft_model.set_attn_implementation("blockwise", block_size=min(256, args.seq))
     loss_fn = L.ChunkedCausalLMLoss() if args.blockwise else T.causal_lm_loss
     tx = optax.adamw(args.lr)
     state = T.create_train_state(peft_model, tx)  # copies the adapter leaves: the step donates the state

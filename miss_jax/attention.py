@@ -13,8 +13,8 @@ recomputes each block's weights from it, transposed (keys by queries, so that it
 queries are row-major matmuls). Nothing of size `T x T` exists at any time, and the blocks run one after
 the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and would
 otherwise start every block's scores at once). On a 2-vCPU AMD EPYC, one Llama layer's attention at
-2 x 2048 (8 heads of 64) takes 0.36 s forward and backward instead of transformers' 0.80 s
-(`benchmarks/attention.py`; PyTorch's fused CPU kernel: 0.26 s).
+2 x 2048 (8 heads of 64) takes 0.26 s forward and backward instead of transformers' 0.82 s
+(`benchmarks/attention.py`; PyTorch's fused CPU kernel: 0.24 s).
 
 Covered modules (transformers class name -> family):
   * `FlaxLlamaAttention`, `FlaxGemmaAttention`: causal, RoPE, grouped-query attention.
@@ -241,7 +241,7 @@ def blockwise_attention(
     *,
     causal: bool = True,
     window: Optional[int] = None,
-    block_size: int = 128,
+    block_size: int = 256,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
 ) -> jax.Array:
@@ -407,7 +407,7 @@ _plain = _Plain()
 
 
 @contextlib.contextmanager
-def memory_efficient_attention(block_size: int = 128) -> Iterator[None]:
+def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
     """Within this context, the self-attention of the modules in `FAMILIES` traced in a Linen call runs
     `blockwise_attention` with `block_size` queries per block (see the module docstring for the
     fallbacks). Enter it around the code that traces the forward, as `remat.checkpointing`.

@@ -525,7 +525,7 @@ class MissModel:
         """"eager" (the wrapped model's own attention) or "blockwise" (`set_attn_implementation`)."""
         return "eager" if self.forward_options.attention_block_size is None else "blockwise"
 
-    def set_attn_implementation(self, name: str, block_size: int = 128) -> None:
+    def set_attn_implementation(self, name: str, block_size: int = 256) -> None:
         """Chooses the attention implementation of the forward, train steps and `apply_fn()` made afterwards.
 
         "blockwise" (`miss_jax.attention`) computes causal self-attention `block_size` queries at a time and
