@@ -223,7 +223,8 @@ def pin_threads(threads: int) -> list[int]:
 def isolated(script: str, settings: Any, model: str, case: str, xla_flags: str = "") -> dict[str, Any]:
     """Runs `script SETTINGS OUT --long-case MODEL CASE` (a side script measuring one case) in a fresh
     process with this process's environment (plus `xla_flags` appended to XLA_FLAGS) and CPUs, and returns
-    the JSON it wrote (a case killed by SIGKILL, as the OOM killer does, gives `{"failed": ...}`). `settings` is the run's `specs.Settings` (its `settings.json` lives in its workdir)."""
+    the JSON it wrote (a case killed by SIGKILL, as the OOM killer does, gives `{"failed": ...}`).
+    `settings` is the run's `specs.Settings` (its `settings.json` lives in its workdir)."""
     import json
     import subprocess
     import sys

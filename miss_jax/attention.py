@@ -213,10 +213,12 @@ def _flash_backward(causal, window, block, rate, out_dtype, res, d_out):
             # (keys, group x query) orientation: dV and dK below are then plain matmuls
             p_t = jnp.exp(_block_scores_t(qb, kb, key_ok[:, c0:c1], start, c0, causal, window) - lse_t)
             drop_t = None if drop is None else jnp.tile(drop[:, c0 - lo:c1 - lo].T, (1, g))
-            dv = dv.at[:, :, c0:c1].add(jnp.einsum("bhkq,bhqd->bhkd", p_t if drop_t is None else p_t * drop_t, fold(dob)))
+            kept = p_t if drop_t is None else p_t * drop_t
+            dv = dv.at[:, :, c0:c1].add(jnp.einsum("bhkq,bhqd->bhkd", kept, fold(dob)))
             dp_t = jnp.einsum("bhkd,bhqd->bhkq", vb, fold(dob), preferred_element_type=jnp.float32)
             ds_t = p_t * ((dp_t if drop_t is None else dp_t * drop_t) - delta_t)
-            dk = dk.at[:, :, c0:c1].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, fold(qb), preferred_element_type=jnp.float32))
+            dk = dk.at[:, :, c0:c1].add(
+                jnp.einsum("bhkq,bhqd->bhkd", ds_t, fold(qb), preferred_element_type=jnp.float32))
             dq = previous = dq + jnp.einsum("bhkq,bhkd->bhqd", ds_t, kb, preferred_element_type=jnp.float32)
         dqs.append(dq.reshape(b, h, g, n, -1))
     d_key_ok = np.zeros(key_ok.shape, jax.dtypes.float0)
