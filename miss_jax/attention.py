@@ -1,20 +1,28 @@
-"""Memory-efficient self-attention for transformers' Flax decoders, without editing their code.
+"""Efficient self-attention for transformers' Flax decoders, without editing their code.
 
 transformers' Flax attention builds the full `(B, heads, T, T)` float32 weights, and the backward pass
-keeps them (one such buffer, or several, per layer). Within `memory_efficient_attention(block_size)`,
-a `flax.linen.intercept_methods` interceptor recomputes the attention of the supported modules with
-the module's own submodules (projections, rotary embedding, dropout), so MiSS's interceptor on
-`q_proj`/`k_proj`/`c_attn`/... still applies, and replaces the weights by `blockwise_attention`, a
-flash-style formulation: queries in blocks of `block_size`, each block against only the keys it can
-see (causal: up to the block's end, so about half of the `T x T` scores are computed; a sliding window
-also cuts the start), those keys `KEY_CHUNK` at a time with an online softmax (each step's tiles stay in
-cache), the softmax's log-sum-exp kept per query, and a `jax.custom_vjp` whose backward
-recomputes each block's weights from it, transposed (keys by queries, so that its products over the
-queries are row-major matmuls). Nothing of size `T x T` exists at any time, and the blocks run one after
-the other (each depends on the previous one's result: XLA:CPU drops optimisation barriers and would
-otherwise start every block's scores at once). On a 2-vCPU AMD EPYC, one Llama layer's attention at
-2 x 2048 (8 heads of 64) takes 0.26 s forward and backward instead of transformers' 0.82 s
-(`benchmarks/attention.py`; PyTorch's fused CPU kernel: 0.24 s).
+keeps them (one such buffer, or several, per layer). Within `efficient_attention(kernel)`, a
+`flax.linen.intercept_methods` interceptor recomputes the attention of the supported modules with the
+module's own submodules (projections, rotary embedding, dropout), so MiSS's interceptor on
+`q_proj`/`k_proj`/`c_attn`/... still applies, and replaces the weights by one of three kernels
+(frozen dataclasses, part of a compiled program's key):
+
+  * `Blockwise(block_size)`: `blockwise_attention`, a flash-style formulation written for XLA:CPU: queries
+    in blocks of `block_size`, each block against only the keys it can see (causal: up to the block's end,
+    so about half of the `T x T` scores are computed; a sliding window also cuts the start), those keys
+    `KEY_CHUNK` at a time with an online softmax (each step's tiles stay in cache), the softmax's
+    log-sum-exp kept per query, and a `jax.custom_vjp` whose backward recomputes each block's weights from
+    it, transposed (keys by queries, so that its products over the queries are row-major matmuls). Nothing
+    of size `T x T` exists at any time, and the blocks run one after the other (each depends on the
+    previous one's result: XLA:CPU drops optimisation barriers and would otherwise start every block's
+    scores at once). On a 2-vCPU AMD EPYC, one Llama layer's attention at 2 x 2048 (8 heads of 64) takes
+    0.26 s forward and backward instead of transformers' 0.82 s (`benchmarks/attention.py`; PyTorch's
+    fused CPU kernel: 0.24 s).
+  * `Sdpa(implementation)`: `fused_attention`, i.e. `jax.nn.dot_product_attention`, the attention of the
+    library that owns it: cuDNN's flash attention on a GPU (bfloat16/float16), XLA's elsewhere. It has no
+    attention dropout: a training call of a model with a dropout rate runs the module's own attention.
+  * `Flash(block_size)`: the platform's flash attention: cuDNN's where it fits (`cudnn_fits`), else
+    `Blockwise(block_size)` (CPU, float32 models, attention dropout).
 
 Covered modules (transformers class name -> family):
   * `FlaxLlamaAttention`, `FlaxGemmaAttention`: causal, RoPE, grouped-query attention.
@@ -26,7 +34,9 @@ Covered modules (transformers class name -> family):
 
 Masks equal transformers': the 2-D `attention_mask` `(B, S)` masks keys, the causal/window mask masks
 by sequence index, and masked scores get `finfo(float32).min` added, so a query whose keys are all
-masked (left padding) averages all values, as in transformers (undropped). The softmax runs in float32 (as
+masked (left padding) averages all values, as in transformers (undropped; cuDNN's output there is
+another average, never read by a real token, and "sdpa" passes no gradient through such a query's
+masked scores, as PyTorch's sdpa). The softmax runs in float32 (as
 transformers' Llama/Mistral/Gemma; GPT-2/GPT-Neo/GPT-J/OPT in a bfloat16 model run it in bfloat16).
 Attention dropout is applied with transformers' rate and rng stream, broadcast over batch and heads
 as Flax does; its masks are drawn per query block, so they differ from the plain path's (same
@@ -35,18 +45,20 @@ distribution).
 The original `__call__` runs instead (documented fallback) for: any other attention module (BERT,
 RoBERTa, T5, BART, ViT: encoders and cross-attention, where the plain path is kept), cross-attention
 or non-causal uses of the modules above, a KV cache (`init_cache=True` or a `cache` collection:
-generation), `output_attentions=True` (the weights are asked for), a non-2-D `attention_mask`, and
-Mistral with attention dropout in training (transformers passes it no dropout rng).
+generation), `output_attentions=True` (the weights are asked for), a non-2-D `attention_mask`,
+Mistral with attention dropout in training (transformers passes it no dropout rng), and `Sdpa` in a
+training call of a model with attention dropout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -299,18 +311,130 @@ def _dropout_rng(module: nn.Module, rate: float, deterministic: bool) -> Optiona
     return module.make_rng("dropout") if rate > 0.0 and not deterministic else None
 
 
-def _attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float, rng: Optional[jax.Array],
-    block_size: int, window: Optional[int] = None,
+# --------------------------------------------------------------------------- kernels
+
+
+def fused_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    key_mask: Optional[jax.Array] = None,
+    *,
+    causal: bool = True,
+    window: Optional[int] = None,
+    implementation: Optional[str] = None,
 ) -> jax.Array:
-    """`blockwise_attention` with dropout at `rate` when `rng` is given (training), none otherwise."""
-    return blockwise_attention(
-        q, k, v, mask, window=window, block_size=block_size, dropout_rate=rate if rng is not None else 0.0,
-        dropout_rng=rng,
-    )
+    """`jax.nn.dot_product_attention` with transformers' masks: the attention of the library that owns it
+    (cuDNN's flash attention with `implementation="cudnn"`, XLA's with "xla").
+
+    Args:
+      query: `(B, T, Hq, D)`; key, value: `(B, S, Hkv, D)` with `Hq % Hkv == 0` (grouped-query attention as
+        `blockwise_attention`).
+      key_mask: `(B, S)`, nonzero where a key may be attended to (None: all).
+      causal, window: query `i` sees keys `j <= i` and `i - j <= window`, as `blockwise_attention`.
+      implementation: "xla", "cudnn" (bfloat16 / float16 inputs on a GPU), or None (cuDNN where it can
+        run: `cudnn_fits`; else XLA).
+
+    Returns `(B, T, Hq, D)` in `value`'s dtype. A batch whose keys are all valid runs without a mask (cuDNN
+    then skips the masked half of the scores); otherwise the `(B, 1, T, S)` mask goes in (`lax.cond` picks
+    at run time). A query that sees no key (left padding) averages all values with "xla" (as transformers'
+    eager attention); cuDNN gives it another average of values (its output is unspecified, as in PyTorch's
+    sdpa, and never read by a real token).
+    """
+    b, t = query.shape[:2]
+    s = key.shape[1]
+    impl = implementation or ("cudnn" if cudnn_fits(query) else "xla")
+    local = None if window is None else (window, 0)
+
+    def attend(mask: Optional[jax.Array]) -> jax.Array:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal,
+                                            local_window_size=local, implementation=impl)
+
+    if key_mask is None:
+        return attend(None)
+    ok = key_mask != 0
+    mask = jnp.broadcast_to(ok[:, None, None, :], (b, 1, t, s))
+    return jax.lax.cond(jnp.all(ok), lambda: attend(None), lambda: attend(mask))
 
 
-def _rope_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tuple]:
+def cudnn_fits(query: jax.Array) -> bool:
+    """Whether cuDNN's flash attention can run on `query` `(B, T, H, D)`: a GPU backend, bfloat16 or float16,
+    a head size that is a multiple of 8 up to 128."""
+    d = query.shape[-1]
+    return (jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    """`blockwise_attention`, `block_size` queries at a time (any platform; attention dropout included)."""
+
+    block_size: int = 256
+    name = "blockwise"
+    has_dropout = True
+
+    def __post_init__(self) -> None:
+        check_block_size(self.block_size)
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float,
+                 rng: Optional[jax.Array], window: Optional[int] = None) -> jax.Array:
+        """`(B, T, Hq, D)` attention of `q` `(B, T, Hq, D)` over `k`, `v` `(B, S, Hkv, D)`; dropout at `rate`
+        when `rng` is given (training)."""
+        return blockwise_attention(q, k, v, mask, window=window, block_size=self.block_size,
+                                   dropout_rate=rate if rng is not None else 0.0, dropout_rng=rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sdpa:
+    """`fused_attention` (`jax.nn.dot_product_attention`) with `implementation` ("xla", "cudnn", None: cuDNN
+    where it fits). It has no attention dropout: a training call of a model with an attention dropout rate
+    runs the model's own attention instead (`efficient_attention`)."""
+
+    implementation: Optional[str] = None
+    name = "sdpa"
+    has_dropout = False
+
+    def __post_init__(self) -> None:
+        if self.implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"implementation must be 'xla', 'cudnn' or None, got {self.implementation!r}.")
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float,
+                 rng: Optional[jax.Array], window: Optional[int] = None) -> jax.Array:
+        """As `Blockwise.__call__`, without dropout (`rate` and `rng` unused)."""
+        return fused_attention(q, k, v, mask, window=window, implementation=self.implementation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flash:
+    """The platform's flash attention: cuDNN's (`fused_attention`) on a GPU where it fits (`cudnn_fits`, no
+    attention dropout), else `blockwise_attention` with `block_size` (CPU, float32, dropout)."""
+
+    block_size: int = 256
+    name = "flash"
+    has_dropout = True
+
+    def __post_init__(self) -> None:
+        check_block_size(self.block_size)
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float,
+                 rng: Optional[jax.Array], window: Optional[int] = None) -> jax.Array:
+        """As `Blockwise.__call__`."""
+        if cudnn_fits(q) and (rng is None or rate == 0.0):
+            return fused_attention(q, k, v, mask, window=window, implementation="cudnn")
+        return Blockwise(self.block_size)(q, k, v, mask, rate, rng, window)
+
+
+Kernel = Union[Blockwise, Sdpa, Flash]
+
+
+def _attention_dropout(module: nn.Module) -> float:
+    """The attention dropout rate of a `FAMILIES` module (OPT's `dropout` field, else its config's)."""
+    if isinstance(getattr(module, "dropout", None), float):
+        return module.dropout
+    config = module.config
+    return float(getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None) or 0.0)
+
+def _rope_attention(module: nn.Module, a: dict, kernel: Kernel) -> Optional[tuple]:
     """Llama, Mistral, Gemma: `q/k/v/o_proj`, `rotary_emb(key, query, position_ids)`, GQA."""
     mistral = type(module).__name__ == "FlaxMistralAttention"
     rate, det = module.config.attention_dropout, a["deterministic"]
@@ -323,33 +447,33 @@ def _rope_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tup
     k, q = module.rotary_emb(k, q, a["position_ids"])
     rng = None if mistral else _dropout_rng(module, rate, det)
     window = (module.config.sliding_window or 0) if mistral else None
-    out = _attend(q, k, v, a["attention_mask"], rate, rng, block_size, window)
+    out = kernel(q, k, v, a["attention_mask"], rate, rng, window)
     return (module.o_proj(_merge(out)),)
 
 
-def _gpt2_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tuple]:
+def _gpt2_attention(module: nn.Module, a: dict, kernel: Kernel) -> Optional[tuple]:
     """GPT-2 causal self-attention: fused `c_attn`, `c_proj`, residual dropout."""
     if a["key_value_states"] is not None or not module.causal:
         return None
     det = a["deterministic"]
     q, k, v = (_heads(x, module.num_heads) for x in jnp.split(module.c_attn(a["hidden_states"]), 3, axis=2))
     rate = module.config.attn_pdrop
-    out = _attend(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det), block_size)
+    out = kernel(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det))
     return (module.resid_dropout(module.c_proj(_merge(out)), deterministic=det),)
 
 
-def _gpt_neo_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tuple]:
+def _gpt_neo_attention(module: nn.Module, a: dict, kernel: Kernel) -> Optional[tuple]:
     """GPT-Neo: unscaled scores (query pre-multiplied by sqrt(D)), local layers see `window_size` keys."""
     h, det = a["hidden_states"], a["deterministic"]
     q = _heads(module.q_proj(h) * jnp.sqrt(module.head_dim).astype(module.dtype), module.num_heads)
     k, v = _heads(module.k_proj(h), module.num_heads), _heads(module.v_proj(h), module.num_heads)
     window = module.config.window_size - 1 if module.attention_type == "local" else None
     rate = module.config.attention_dropout
-    out = _attend(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det), block_size, window)
+    out = kernel(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det), window)
     return (module.resid_dropout(module.out_proj(_merge(out)), deterministic=det),)
 
 
-def _gptj_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tuple]:
+def _gptj_attention(module: nn.Module, a: dict, kernel: Kernel) -> Optional[tuple]:
     """GPT-J: rotary embedding on the first `rotary_dim` features (all when None)."""
     h, det = a["hidden_states"], a["deterministic"]
     q, k, v = (_heads(p(h), module.num_heads) for p in (module.q_proj, module.k_proj, module.v_proj))
@@ -361,23 +485,23 @@ def _gptj_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tup
     q = jnp.concatenate([gptj_rotary(q[..., :r], sincos), q[..., r:]], axis=-1)
     k = jnp.concatenate([gptj_rotary(k[..., :r], sincos), k[..., r:]], axis=-1)
     rate = module.config.attn_pdrop
-    out = _attend(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det), block_size)
+    out = kernel(q, k, v, a["attention_mask"], rate, _dropout_rng(module, rate, det))
     return (module.resid_dropout(module.out_proj(_merge(out)), deterministic=det),)
 
 
-def _opt_attention(module: nn.Module, a: dict, block_size: int) -> Optional[tuple]:
+def _opt_attention(module: nn.Module, a: dict, kernel: Kernel) -> Optional[tuple]:
     """OPT causal self-attention; returns `(output, None)` (the layer drops the weights unless
     `output_attentions`, which falls back to the original)."""
     if a["key_value_states"] is not None or not module.causal:
         return None
     h, det = a["hidden_states"], a["deterministic"]
     q, k, v = (_heads(p(h), module.num_heads) for p in (module.q_proj, module.k_proj, module.v_proj))
-    out = _attend(q, k, v, a["attention_mask"], module.dropout, _dropout_rng(module, module.dropout, det), block_size)
+    out = kernel(q, k, v, a["attention_mask"], module.dropout, _dropout_rng(module, module.dropout, det))
     return module.out_proj(_merge(out)), None
 
 
 # transformers attention class name -> efficient implementation (None from it: use the original call)
-FAMILIES: dict[str, Callable[[nn.Module, dict, int], Optional[tuple]]] = {
+FAMILIES: dict[str, Callable[[nn.Module, dict, Kernel], Optional[tuple]]] = {
     "FlaxLlamaAttention": _rope_attention,
     "FlaxMistralAttention": _rope_attention,
     "FlaxGemmaAttention": _rope_attention,
@@ -409,12 +533,11 @@ _plain = _Plain()
 
 
 @contextlib.contextmanager
-def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
+def efficient_attention(kernel: Kernel) -> Iterator[None]:
     """Within this context, the self-attention of the modules in `FAMILIES` traced in a Linen call runs
-    `blockwise_attention` with `block_size` queries per block (see the module docstring for the
-    fallbacks). Enter it around the code that traces the forward, as `remat.checkpointing`.
+    `kernel` (`Blockwise`, `Sdpa` or `Flash`; see the module docstring for the fallbacks to the module's
+    own attention). Enter it around the code that traces the forward, as `remat.checkpointing`.
     """
-    check_block_size(block_size)
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
@@ -436,8 +559,15 @@ def memory_efficient_attention(block_size: int = 256) -> Iterator[None]:
             or (mask is not None and mask.ndim != 2)
         ):
             return next_fun(*args, **kwargs)
-        out = efficient(module, a, block_size)
+        if not kernel.has_dropout and not a["deterministic"] and _attention_dropout(module) > 0.0:
+            return next_fun(*args, **kwargs)  # before any submodule call: the dropout rng stream stays the model's
+        out = efficient(module, a, kernel)
         return next_fun(*args, **kwargs) if out is None else out
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def memory_efficient_attention(block_size: int = 256) -> contextlib.AbstractContextManager:
+    """`efficient_attention(Blockwise(block_size))`: blockwise attention, `block_size` queries per block."""
+    return efficient_attention(Blockwise(block_size))

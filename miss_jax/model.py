@@ -522,24 +522,32 @@ class MissModel:
 
     @property
     def attn_implementation(self) -> str:
-        """"eager" (the wrapped model's own attention) or "blockwise" (`set_attn_implementation`)."""
-        return "eager" if self.forward_options.attention_block_size is None else "blockwise"
+        """The attention implementation `set_attn_implementation` chose ("eager" by default)."""
+        kernel = self.forward_options.attention
+        return "eager" if kernel is None else kernel.name
 
     def set_attn_implementation(self, name: str, block_size: int = 256) -> None:
-        """Chooses the attention implementation of the forward, train steps and `apply_fn()` made afterwards.
+        """Chooses the attention implementation of the forward, train steps and `apply_fn()` made afterwards
+        (transformers' `attn_implementation` names where they exist):
 
-        "blockwise" (`miss_jax.attention`) computes causal self-attention `block_size` queries at a time and
-        keeps no `(batch, heads, T, T)` weights for the backward pass; numerically it is the model's own
-        attention (same masks, RoPE, sliding windows). It covers Llama, Mistral, Gemma, GPT-2, GPT-Neo,
-        GPT-J and OPT; other families, cross-attention, generation with a KV cache and
-        `output_attentions=True` run the model's own attention. "eager" is the model's own (the default).
+        - "eager": the wrapped model's own attention (the default);
+        - "blockwise": `miss_jax.attention.blockwise_attention`, causal self-attention `block_size` queries at a
+          time, keeping no `(batch, heads, T, T)` weights for the backward pass (any platform; dropout too);
+        - "sdpa": `jax.nn.dot_product_attention`, the attention of the library that owns it: cuDNN's flash
+          attention on a GPU for bfloat16/float16 models, XLA's elsewhere; no attention dropout (a training
+          step with a dropout rate runs the model's own attention);
+        - "flash": the platform's flash attention: cuDNN's on a GPU where it fits (bfloat16/float16, head size
+          up to 128, no attention dropout), else "blockwise" with `block_size` (CPU, float32, dropout).
+
+        Each is numerically the model's own attention (same masks, RoPE, sliding windows) on Llama, Mistral,
+        Gemma, GPT-2, GPT-Neo, GPT-J and OPT; other families, cross-attention, generation with a KV cache and
+        `output_attentions=True` run the model's own attention.
         """
         if name not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"Unknown attention implementation {name!r}; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
-        if name == "blockwise":
-            attention.check_block_size(block_size)
-        size = block_size if name == "blockwise" else None
-        self.forward_options = dataclasses.replace(self.forward_options, attention_block_size=size)
+        kernels = {"eager": lambda: None, "blockwise": lambda: attention.Blockwise(block_size),
+                   "sdpa": attention.Sdpa, "flash": lambda: attention.Flash(block_size)}
+        self.forward_options = dataclasses.replace(self.forward_options, attention=kernels[name]())
 
     # ------------------------------------------------------------------ PEFT's torch-module habits
 

@@ -65,7 +65,8 @@ def dropout_flags(input_names: Sequence[str], rng: jax.Array) -> dict[str, Any]:
     raise ValueError(f"This model's __call__ takes neither `train` nor `deterministic` ({list(input_names)}).")
 
 
-ATTN_IMPLEMENTATIONS = ("eager", "blockwise")  # transformers' own Flax attention; `miss_jax.attention`'s
+# transformers' own Flax attention, then `miss_jax.attention`'s kernels by name
+ATTN_IMPLEMENTATIONS = ("eager", "blockwise", "sdpa", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,20 +74,20 @@ class ForwardOptions:
     """How the forward runs (static, part of every compiled program's key); not what it computes.
 
     `remat_policy`: per-layer gradient checkpointing with this `miss_jax.remat` policy (None: off).
-    `attention_block_size`: blockwise attention over query blocks of this size (`miss_jax.attention`;
-    None: the model's own attention).
+    `attention`: the self-attention kernel (`miss_jax.attention.Blockwise`, `Sdpa` or `Flash`; None: the
+    model's own attention).
     """
 
     remat_policy: Optional[str] = None
-    attention_block_size: Optional[int] = None
+    attention: Optional[attention.Kernel] = None
 
     def context(self) -> contextlib.ExitStack:
         """The interceptors to trace the forward in."""
         stack = contextlib.ExitStack()
         if self.remat_policy is not None:
             stack.enter_context(remat.checkpointing(self.remat_policy))
-        if self.attention_block_size is not None:
-            stack.enter_context(attention.memory_efficient_attention(self.attention_block_size))
+        if self.attention is not None:
+            stack.enter_context(attention.efficient_attention(self.attention))
         return stack
 
 

@@ -57,9 +57,11 @@ def _forward(pm, model) -> Callable:
     return lambda adapter_params, **inputs: linen.apply(pm.plan, call, pm.params, adapter_params, **inputs)
 
 
-def _value_and_grad(pm, model, batch: dict, *contexts: Callable[[], contextlib.AbstractContextManager]):
+def _value_and_grad(pm, model, batch: dict, *contexts: Callable[[], contextlib.AbstractContextManager],
+                    real_tokens_only: bool = False):
     """Jitted (logits, grad of a fixed random projection of the logits) w.r.t. the trainable adapter
-    params, with `contexts` entered while the forward is traced."""
+    params, with `contexts` entered while the forward is traced; `real_tokens_only`: padded positions
+    out of the projection (as out of a loss)."""
     forward = _forward(pm, model)
 
     def loss(trainable):
@@ -68,6 +70,8 @@ def _value_and_grad(pm, model, batch: dict, *contexts: Callable[[], contextlib.A
                 stack.enter_context(make())
             logits = forward(trainable, **batch).logits
         weights = jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+        if real_tokens_only and "attention_mask" in batch:
+            weights = weights * batch["attention_mask"][:, :, None]
         return (logits * weights).sum() / logits.size, logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(pm.trainable_params())
@@ -195,6 +199,56 @@ def test_attention_equals_plain(name):
     logits_e, grads_e = _value_and_grad(pm, model, batch, efficient)
     np.testing.assert_allclose(logits_e, logits, **TOL)  # padded positions included
     _assert_trees_close(grads_e, grads)
+
+
+KERNELS = {"sdpa": attention.Sdpa("xla"), "flash": attention.Flash(block_size=4)}  # "flash" is blockwise on CPU
+
+
+@pytest.mark.parametrize("name, kernel", [(n, "sdpa") for n in DECODERS + ("mistral_window", "gptj")]
+                         + [("llama", "flash")])
+def test_attention_kernels_equal_plain(name, kernel):
+    """`jax.nn.dot_product_attention` (XLA's on CPU; cuDNN's runs in the GPU benchmark) and "flash" (blockwise
+    on CPU) against the model's own attention: logits (padded positions included) and adapter gradients
+    through the real tokens (a left-padded query that sees no key passes no gradient to the keys in "sdpa",
+    as in PyTorch's sdpa; transformers' eager attention passes one through its masked scores)."""
+    pm, model, batch = _adapted(name), _model(name), _batch(name)
+    logits, grads = _value_and_grad(pm, model, batch, real_tokens_only=True)
+    efficient = lambda: attention.efficient_attention(KERNELS[kernel])  # noqa: E731
+    logits_k, grads_k = _value_and_grad(pm, model, batch, efficient, real_tokens_only=True)
+    np.testing.assert_allclose(logits_k, logits, **TOL)
+    _assert_trees_close(grads_k, grads)
+
+
+def test_fused_attention_masks_gqa_and_windows():
+    """`fused_attention` against the dense softmax, with and without padded keys (the two `lax.cond` branches)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (2, 11, 6, 8))
+    k, v = jax.random.normal(keys[1], (2, 11, 2, 8)), jax.random.normal(keys[2], (2, 11, 2, 8))
+    for mask in (jnp.ones((2, 11), bool), jnp.ones((2, 11), bool).at[1, :3].set(False).at[0, -2:].set(False)):
+        for window in (None, 2):
+            i, j = jnp.arange(11)[:, None], jnp.arange(11)[None, :]
+            allowed = (j <= i) & (i - j <= (window if window is not None else 11)) & mask[:, None, None, :]
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(8.0), jnp.repeat(k, 3, axis=2))
+            weights = jax.nn.softmax(scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min), axis=-1)
+            expected = jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.repeat(v, 3, axis=2))
+            got = jax.jit(lambda q, k, v, m: attention.fused_attention(q, k, v, m, window=window))(q, k, v, mask)
+            np.testing.assert_allclose(got, expected, **TOL)
+    assert not attention.cudnn_fits(q.astype(jnp.bfloat16)) or jax.default_backend() == "gpu"
+
+
+def test_sdpa_without_dropout_support_runs_the_models_attention_in_training():
+    """A training call with attention dropout: "sdpa" gives way to the model's own attention (dropout kept);
+    "flash" on CPU runs blockwise attention with dropout."""
+    model, batch = _model("gpt2"), _batch("gpt2")
+    rng = jax.random.PRNGKey(3)
+    plain = model(**batch, train=True, dropout_rng=rng).logits
+    with attention.efficient_attention(attention.Sdpa()):
+        np.testing.assert_array_equal(model(**batch, train=True, dropout_rng=rng).logits, plain)
+    with attention.efficient_attention(attention.Flash(block_size=4)):
+        flash = model(**batch, train=True, dropout_rng=rng).logits
+    assert np.isfinite(flash).all() and not np.allclose(flash, model(**batch).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="implementation must be 'xla', 'cudnn' or None"):
+        attention.Sdpa("triton")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])

@@ -143,10 +143,11 @@ def test_bad_long_sequence_options_name_the_fix() -> None:
         pm.gradient_checkpointing_enable({"policy": "everything"})
     with pytest.raises(ValueError, match=r"Unknown gradient_checkpointing_kwargs \['preserve_rng_state'\]"):
         pm.gradient_checkpointing_enable({"preserve_rng_state": True})
-    with pytest.raises(ValueError, match="Unknown attention implementation 'flash'.*'blockwise'"):
-        pm.set_attn_implementation("flash")
-    with pytest.raises(ValueError, match="block_size must be a positive integer"):
-        pm.set_attn_implementation("blockwise", block_size=0)
+    with pytest.raises(ValueError, match="Unknown attention implementation 'flash_attention_2'.*'blockwise'"):
+        pm.set_attn_implementation("flash_attention_2")
+    for name in ("blockwise", "flash"):
+        with pytest.raises(ValueError, match="block_size must be a positive integer"):
+            pm.set_attn_implementation(name, block_size=0)
     assert not pm.is_gradient_checkpointing and pm.attn_implementation == "eager"  # nothing half-applied
     too_long = np.ones((1, 65), np.int32)  # the tiny Llama has 64 positions
     with pytest.raises(ValueError, match="65 tokens exceed this FlaxLlamaForCausalLM's 64 positions"):
