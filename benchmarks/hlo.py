@@ -3,6 +3,8 @@ benchmark and the profiler report from them.
 
 Matmuls are read as `dot` instructions, which is how XLA:CPU runs them; XLA:GPU calls cuBLAS through
 custom-calls instead, so on GPU `dots` finds none and `train_step_facts` reports no gradient count.
+`matmul_flops` reads the program as lowered, before any backend rewrote it, so it counts the same matmuls
+on every platform (XLA's cost analysis of a GPU program does not).
 """
 
 from __future__ import annotations
@@ -54,6 +56,39 @@ def xla_cost(compiled: Any) -> dict[str, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return dict(cost or {})
+
+
+_ANY_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(([^)]*)\)(.*)")
+
+
+def matmul_flops(lowered_hlo: str) -> int:
+    """Floating-point operations of every `dot` in a lowered program's HLO text (`jax.jit(f).lower(...)
+    .as_text(dialect="hlo")`, all computations): 2 x output elements x contracted size each. A program's
+    matmul work, the same whatever backend later runs it."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    flops = 0
+    for line in lowered_hlo.splitlines():
+        m = _ANY_INSTRUCTION.match(line)
+        if not m:
+            continue
+        dims = tuple(int(d) for d in m[2].split(",") if d)
+        shapes[m[1]] = dims
+        if m[3] != "dot":
+            continue
+        lhs = shapes.get(m[4].split(",")[0].strip().lstrip("%"), ())
+        contracted_dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m[5])
+        contracted = math.prod(lhs[int(d)] for d in (contracted_dims[1].split(",") if contracted_dims else []) if d)
+        flops += 2 * math.prod(dims) * contracted
+    return flops
+
+
+def program_memory_mb(compiled: Any) -> float:
+    """Device memory a compiled program needs while it runs, MiB: its arguments, temporaries and the outputs
+    that do not reuse a donated argument (XLA's `memory_analysis`; what PyTorch's `max_memory_allocated`
+    counts over one step that starts with the same arrays alive)."""
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return round(total / 2**20, 1)
 
 
 def dots(hlo: str) -> list[dict]:

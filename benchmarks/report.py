@@ -53,12 +53,13 @@ def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 3) if a is not None and b else None
 
 
+GROUPS = ("forward", "train", "generate", "long", "create", "merge_and_unload")
+
+
 def _cases(model: dict[str, Any]) -> list[tuple[str, str]]:
-    """(group, case) pairs in table order."""
-    out = [("forward", c) for c in specs.FORWARD_CASES] + [("train", c) for c in specs.TRAIN_CASES]
-    out += [("generate", c) for c in specs.GENERATE_CASES] + [("long", c) for c in specs.LONG_CASES]
-    out += [(g, v) for g in ("create", "merge_and_unload") for v in specs.VARIANTS]
-    return [(g, c) for g, c in out if c in model.get(g, {})] + ([("copy_kernels", "")] if "copy_kernels" in model else [])
+    """(group, case) pairs in table order: groups in `GROUPS` order, cases as measured."""
+    out = [(g, c) for g in GROUPS for c in model.get(g, {})]
+    return out + ([("copy_kernels", "")] if "copy_kernels" in model else [])
 
 
 def _entry(side: Optional[dict[str, Any]], group: str, case: str) -> Optional[dict[str, float]]:
@@ -94,16 +95,18 @@ def ratios(jax_model: Optional[dict[str, Any]], torch_model: Optional[dict[str, 
     return out
 
 
-def flop_ratios(jax_model: Optional[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Per MiSS forward `forward/<variant>`: XLA's FLOP count over the base forward's, the ratio that
-    the adapter's extra arithmetic alone would give (a floor for MiSS/base without a dense delta)."""
-    flops = (jax_model or {}).get("flops") or {}
+def flop_ratios(jax_model: Optional[dict[str, Any]], key: str = "flops") -> dict[str, Optional[float]]:
+    """Per MiSS forward `forward/<variant>`: the FLOP count over the base forward's, the ratio that the
+    adapter's extra arithmetic alone would give (a floor for MiSS/base without a dense delta). `key`:
+    "flops" (XLA's cost analysis; CPU) or "matmul_flops" (the lowered program's matmuls; any platform)."""
+    flops = (jax_model or {}).get(key) or {}
     return {f"forward/{v}": _div(f, flops.get("base")) for v, f in flops.items() if v != "base"}
 
 
-def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[float]]] = None) -> dict[str, dict]:
+def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[float]]] = None,
+            matmul_flops: Optional[dict[str, Optional[float]]] = None) -> dict[str, dict]:
     """The issue's targets checked on one model's ratios (from medians); forward targets also carry
-    `flop_ratio` (see `flop_ratios`)."""
+    `flop_ratio` and `matmul_flop_ratio` (see `flop_ratios`)."""
     out = {}
     for name, (key, ratio, bound) in TARGETS.items():
         if key not in model_ratios:  # a case this model does not run (e.g. generate for a classifier)
@@ -111,7 +114,7 @@ def targets(model_ratios: dict[str, dict], flops: Optional[dict[str, Optional[fl
         r = model_ratios.get(key, {})
         value = r.get(f"{ratio}_median", r.get(ratio))
         out[name] = {"ratio": value, "bound": bound, "met": None if value is None else value <= bound,
-                     "flop_ratio": (flops or {}).get(key)}
+                     "flop_ratio": (flops or {}).get(key), "matmul_flop_ratio": (matmul_flops or {}).get(key)}
     return out
 
 
@@ -132,8 +135,58 @@ def _flags_note(model: dict) -> str:
     return "".join(f" `{name}` (JAX) ran with `XLA_FLAGS={flags}`." for name, flags in flagged)
 
 
+def _memory(e: Optional[dict[str, Any]]) -> str:
+    """A case's memory for the table: its device memory where measured (`device_mb`), else peak RSS."""
+    if not e or "failed" in e:
+        return "-"
+    return str(e.get("device_mb", e.get("peak_rss_mb", "-")))
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def model_markdown(name: str, model: dict[str, Any]) -> str:
+    """One model's section: median times, JAX/PyTorch, MiSS/base in each framework, memory, targets."""
+    jm, tm = model.get("jax"), model.get("torch")
+    spec = model["spec"]
+    gpu = any("device_mb" in (e or {}) for side in (jm, tm) for g in GROUPS for e in (side or {}).get(g, {}).values())
+    lines = [f"## {name} (batch {spec['batch']} x seq {spec['seq']}; targets {', '.join(spec['targets'])})", "",
+             f"same weights: max |logits_jax - logits_torch| = {model.get('same_weights_max_abs_diff')}", "",
+             "| case | JAX ms | PyTorch ms | JAX/PyTorch | JAX/PyTorch (min) | JAX MiSS/base | "
+             f"PyTorch MiSS/base | JAX {'device' if gpu else 'peak'} MiB | PyTorch {'device' if gpu else 'peak'} MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for group, case in _cases(jm or tm or {}):
+        key = group if group == "copy_kernels" else f"{group}/{case}"
+        r = model["ratios"].get(key, {})
+        j, t = _entry(jm, group, case), _entry(tm, group, case)
+        lines.append(
+            f"| {key} | {_ms(j)} | {_ms(t)} | {_num(r.get('jax_over_torch_median'))} | "
+            f"{_num(r.get('jax_over_torch_min'))} | "
+            f"{_num(r.get('jax_miss_over_base_median', r.get('jax_over_copy_median')))} | "
+            f"{_num(r.get('torch_miss_over_base_median', r.get('torch_over_copy_median')))} | "
+            f"{_memory(j)} | {_memory(t)} |")
+    lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, generate (unmerged) "
+              "over the merged model's generate, merge_and_unload over copy_kernels (a copy of the same "
+              "kernels). long: a balance train step at length; `balance` uses flash attention (cuDNN on a GPU, "
+              "blockwise on CPU) and the chunked loss (JAX) or sdpa (PyTorch), `+remat` adds per-layer "
+              "gradient checkpointing, `balance/plain` is JAX without any long-sequence feature. `/bf16`: base "
+              "weights and activations bfloat16, adapter and optimizer state float32 (PyTorch: autocast)."
+              + (" Device MiB: the memory one step needs (JAX: the compiled program's arguments, temporaries "
+                 "and non-donated outputs; PyTorch: the tensors the step starts with plus its peak allocation "
+                 "above them)." if gpu else "") + _flags_note(model), ""]
+    if model.get("targets"):
+        lines += ["| target | ratio | bound | met | XLA FLOP ratio | matmul FLOP ratio |", "|---|---:|---:|---|---:|---:|"]
+        for tname, tv in model["targets"].items():
+            lines.append(f"| {tname} | {_num(tv['ratio'])} | {tv['bound']} | {tv['met']} | "
+                         f"{_fmt(tv.get('flop_ratio'))} | {_fmt(tv.get('matmul_flop_ratio'))} |")
+        lines += ["", "FLOP ratios: the compiled MiSS forward over the base forward's, by XLA's cost analysis (CPU) "
+                  "and by the lowered program's matmuls (any platform): the cost of the adapter's arithmetic alone.", ""]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """One table per model: median times, JAX/PyTorch, MiSS/base in each framework, peak memory."""
+    """The run's header, then one section per model (`model_markdown`)."""
     meta = result["meta"]
     lines = [f"# miss-jax vs PEFT {meta['versions'].get('peft', '')} benchmark", "",
              f"device: {meta['device']}; CPU: {meta.get('cpu', {}).get('model', '?')} "
@@ -141,34 +194,6 @@ def markdown(result: dict[str, Any]) -> str:
              f"threads: {meta['threads']}; r={meta['r']}, mini_r={meta['mini_r']}; "
              f"median of {meta['repeats']} runs after {meta['warmup']} warm-up; load average at start/end: "
              f"{meta['loadavg_start']} / {meta['loadavg_end']}.", ""]
-    for name, model in result["models"].items():
-        jm, tm = model.get("jax"), model.get("torch")
-        spec = model["spec"]
-        lines += [f"## {name} (batch {spec['batch']} x seq {spec['seq']}; targets {', '.join(spec['targets'])})", "",
-                  f"same weights: max |logits_jax - logits_torch| = {model.get('same_weights_max_abs_diff')}", "",
-                  "| case | JAX ms | PyTorch ms | JAX/PyTorch | JAX/PyTorch (min) | JAX MiSS/base | "
-                  "PyTorch MiSS/base | JAX peak MiB | PyTorch peak MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for group, case in _cases(jm or tm):
-            key = group if group == "copy_kernels" else f"{group}/{case}"
-            r = model["ratios"][key]
-            j, t = _entry(jm, group, case), _entry(tm, group, case)
-            lines.append(
-                f"| {key} | {_ms(j)} | {_ms(t)} | {_num(r.get('jax_over_torch_median'))} | "
-                f"{_num(r.get('jax_over_torch_min'))} | "
-                f"{_num(r.get('jax_miss_over_base_median', r.get('jax_over_copy_median')))} | "
-                f"{_num(r.get('torch_miss_over_base_median', r.get('torch_over_copy_median')))} | "
-                f"{j.get('peak_rss_mb', '-') if j else '-'} | {t.get('peak_rss_mb', '-') if t else '-'} |")
-        lines += ["", "MiSS/base: forward over the base forward, train over full fine-tuning, generate (unmerged) "
-                  "over the merged model's generate, merge_and_unload over copy_kernels (a copy of the same "
-                  "kernels). long: a balance train step at length; `balance` uses blockwise attention and the "
-                  "chunked loss (JAX) or sdpa (PyTorch), `+remat` adds per-layer gradient checkpointing, "
-                  "`balance/plain` is JAX without any long-sequence feature." + _flags_note(model), ""]
-        if model.get("targets"):
-            lines += ["| target | ratio | bound | met | XLA FLOP ratio |", "|---|---:|---:|---|---:|"]
-            for tname, tv in model["targets"].items():
-                lines.append(f"| {tname} | {_num(tv['ratio'])} | {tv['bound']} | {tv['met']} | "
-                             f"{'-' if tv.get('flop_ratio') is None else format(tv['flop_ratio'], '.3f')} |")
-            lines += ["", "XLA FLOP ratio: floating-point operations of the compiled MiSS forward over the base "
-                      "forward's (XLA's cost analysis), the cost of the adapter's arithmetic alone.", ""]
-    return "\n".join(lines) + "\n"
+    if meta.get("problems"):
+        lines += ["Not measured: " + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in meta["problems"].items()), ""]
+    return "\n".join(lines) + "\n" + "".join(model_markdown(n, m) for n, m in result["models"].items())

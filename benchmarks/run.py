@@ -4,11 +4,14 @@
     python benchmarks/run.py --quick             # tiny shapes, smoke run
     python benchmarks/run.py --models bert --batch 8 --seq 64 --repeats 3
     python benchmarks/run.py --models llama-long --long-seq 4096   # the long-sequence train step only
-    python benchmarks/run.py --device gpu        # on a GPU machine (see gpu.sh)
+    python benchmarks/run.py --device gpu --deadline 420   # the GPU suite (real LLM shapes; see gpu.sh)
+    python benchmarks/run.py --device gpu --quick          # its tiny-shape dry run (on a CPU machine too)
 
-Steps, each in its own process: `prepare.py` writes the weights for both frameworks; `jax_side.py` and
-`torch_side.py` time the cases (forward, train step, adapter creation, merge_and_unload; peak memory
-of each); this script combines them into one JSON (`--out`) and a markdown table beside it.
+Steps, each in its own process, model by model: `prepare.py` writes the weights for both frameworks;
+`jax_side.py` and `torch_side.py` time the cases (forward, train step, adapter creation, merge_and_unload;
+peak memory of each); this script combines them into one JSON (`--out`) and a markdown table beside it,
+rewritten after every model. Each side saves after every group of cases, and `--deadline` stops a side
+that would run past it: a run cut short still reports everything it measured.
 
 Threads (CPU): both sides are restricted to the same `--threads` CPUs with `sched_setaffinity`
 (taskset). XLA:CPU sizes its intra-op thread pool from the CPUs the process may run on; torch gets
@@ -19,6 +22,7 @@ Threads (CPU): both sides are restricted to the same `--threads` CPUs with `sche
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -38,26 +42,34 @@ import specs  # noqa: E402
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="bert,llama,llama-long",
-                   help="comma-separated subset of: bert, llama, llama-long")
-    p.add_argument("--batch", type=int, default=16, help="BERT batch size (and Llama's unless --llama-batch)")
-    p.add_argument("--seq", type=int, default=128, help="BERT sequence length (and Llama's unless --llama-seq)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated subset of: bert, llama, llama-long (CPU; default all); "
+                        "smollm2, llama-1b, llama-1b-long (--device gpu; default all)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CPU, BERT and Llama; 8 on GPU)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU; 2048 on GPU)")
     p.add_argument("--llama-batch", type=int, default=None)
     p.add_argument("--llama-seq", type=int, default=None)
-    p.add_argument("--long-batch", type=int, default=2, help="llama-long batch size (default 2)")
-    p.add_argument("--long-seq", type=int, default=2048, help="llama-long sequence length (default 2048)")
+    p.add_argument("--long-batch", type=int, default=None, help="long-sequence batch size (default 2; 4 on GPU)")
+    p.add_argument("--long-seq", type=int, default=None, help="long-sequence length (default 2048; 8192 on GPU)")
     p.add_argument("--r", type=int, default=None, help="MiSS r (default 64; 8 with --quick)")
     p.add_argument("--mini-r", type=int, default=None, help="mini_r of the mini variant (default 8; 4 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for each side (default: all allowed)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each case before timing (the first compiles)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs; the median is reported (default 5; 3 on GPU)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 1 repeat (smoke test)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: the CPU suite; gpu: the GPU suite (a dry run where there is no GPU)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole run: a side still running then is stopped, what it measured is kept")
     p.add_argument("--sides", default="jax,torch", help="comma-separated subset of: jax, torch")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "cpu.json"), help="JSON path (.md beside it)")
+    p.add_argument("--out", default=None, help="JSON path, .md beside it (default results/cpu.json or gpu.json)")
     p.add_argument("--workdir", default=None, help="where weights and side outputs go (default: a temp dir)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the side processes")
     args = p.parse_args(argv)
+    gpu = args.device == "gpu"
+    args.models = args.models or ("smollm2,llama-1b,llama-1b-long" if gpu else "bert,llama,llama-long")
+    args.out = args.out or os.path.join(HERE, "results", f"{args.device}.json")
+    args.repeats = args.repeats or (3 if gpu else 5)
     if args.quick:
         args.warmup, args.repeats = 1, 1
     return args
@@ -65,12 +77,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def build_settings(args: argparse.Namespace, workdir: str) -> specs.Settings:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    batch, seq = (2, 24) if args.quick and args.batch == 16 and args.seq == 128 else (args.batch, args.seq)
-    table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick,
-                              args.long_batch, args.long_seq)
+    if args.device == "gpu":
+        table = specs.gpu_specs(args.batch or 8, args.seq or 2048, args.long_batch or 4, args.long_seq or 8192,
+                                args.quick)
+    else:
+        batch, seq = (2, 24) if args.quick and args.batch is None and args.seq is None else (args.batch or 16, args.seq or 128)
+        table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick,
+                                  args.long_batch or 2, args.long_seq or 2048)
     unknown = [n for n in names if n not in table]
     if unknown or not names:
-        raise ValueError(f"--models {args.models!r}: unknown {unknown}; choose from {sorted(table)}.")
+        raise ValueError(f"--models {args.models!r}: unknown {unknown}; choose from {sorted(table)} "
+                         f"(--device {args.device}).")
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or allowed
     if not 1 <= threads <= allowed:
@@ -90,18 +107,25 @@ def side_env(device: str) -> dict[str, str]:
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     if device == "cpu":
         env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    else:  # processes take turns on the GPU: none holds XLA's default 75% preallocation
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false")
     return env
 
 
-def run_step(python: str, script: str, args: list[str], env: dict[str, str]) -> float:
-    """Runs `benchmarks/<script>` in its own process; returns its wall time. Raises on failure."""
+def run_step(python: str, script: str, args: list[str], env: dict[str, str],
+             timeout: Optional[float] = None) -> tuple[float, Optional[str]]:
+    """Runs `benchmarks/<script>` in its own process: (wall time, None), or (wall time, why it stopped) when it
+    failed or ran past `timeout` seconds (then it is killed)."""
     cmd = [python, os.path.join(HERE, script), *args]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - t, f"stopped at the deadline ({timeout:.0f} s left for it)"
     if proc.returncode:
-        raise RuntimeError(
-            f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return time.perf_counter() - t
+        return time.perf_counter() - t, (f"{shlex.join(cmd)} failed ({proc.returncode}):\n"
+                                         f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return time.perf_counter() - t, None
 
 
 def same_weights(workdir: str, name: str) -> Optional[float]:
@@ -160,15 +184,26 @@ def combine(settings: specs.Settings, sides: dict[str, dict], step_times: dict[s
     for spec in settings.models:
         jm = sides.get("jax", {}).get("models", {}).get(spec.name)
         tm = sides.get("torch", {}).get("models", {}).get(spec.name)
-        r, flops = report.ratios(jm, tm), report.flop_ratios(jm)
+        r, flops, matmuls = report.ratios(jm, tm), report.flop_ratios(jm), report.flop_ratios(jm, "matmul_flops")
         models[spec.name] = {
             "spec": {"batch": spec.batch, "seq": spec.seq, "targets": list(spec.targets), "config": spec.config,
                      "torch_attn_implementation": (tm or {}).get("attn_implementation")},
             "same_weights_max_abs_diff": same_weights(settings.workdir, spec.name),
-            "jax": jm, "torch": tm, "ratios": r, "flop_ratios": flops,
-            "targets": report.targets(r, flops),
+            "jax": jm, "torch": tm, "ratios": r, "flop_ratios": flops, "matmul_flop_ratios": matmuls,
+            "targets": report.targets(r, flops, matmuls),
         }
     return {"meta": meta, "models": models}
+
+
+def merge_side(sides: dict[str, dict], side: str, path: str) -> None:
+    """Adds the side JSON at `path` (one model's run, complete or cut short) to `sides[side]`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        part = json.load(f)
+    if side not in sides:
+        sides[side] = dict(part, models={})
+    sides[side]["models"].update(part["models"])
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -177,26 +212,46 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or any(s not in ("jax", "torch") for s in sides):
         raise ValueError(f"--sides {args.sides!r}: choose from jax, torch.")
+    start = time.perf_counter()
+    left = lambda: None if args.deadline is None else max(args.deadline - (time.perf_counter() - start), 1.0)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="miss-bench-") as tmp:
         workdir = os.path.abspath(args.workdir or tmp)
         settings = build_settings(args, workdir)
         os.makedirs(workdir, exist_ok=True)
-        settings_path = os.path.join(workdir, "settings.json")
-        report.write_text(settings_path, settings.to_json())
         env = side_env(args.device)
         loads = [round(x, 2) for x in os.getloadavg()]
-        step_times = {"prepare": run_step(args.python, "prepare.py", [settings_path], env)}
-        results = {}
-        for side in sides:
-            out = os.path.join(workdir, f"{side}.json")
-            step_times[side] = run_step(args.python, f"{side}_side.py", [settings_path, out], env)
-            results[side] = json.load(open(out))
-            print(f"{side} side done in {step_times[side]:.0f} s", flush=True)
-        result = combine(settings, results, step_times, (loads, [round(x, 2) for x in os.getloadavg()]), argv)
-    report.write_json(args.out, result)
-    md = os.path.splitext(args.out)[0] + ".md"
-    report.write_text(md, report.markdown(result))
+        step_times: dict[str, float] = {}
+        results: dict[str, dict] = {}
+        problems: dict[str, str] = {}
+        result: dict[str, Any] = {}
+        md = os.path.splitext(args.out)[0] + ".md"
+        for spec in settings.models:
+            # the side scripts (and timing.isolated) read the settings of the model at hand
+            settings_path = os.path.join(workdir, "settings.json")
+            report.write_text(settings_path, dataclasses.replace(settings, models=(spec,)).to_json())
+            for step, script, extra in [("prepare", "prepare.py", [])] + [
+                    (side, f"{side}_side.py", [os.path.join(workdir, f"{side}-{spec.name}.json")]) for side in sides]:
+                if args.deadline is not None and left() <= 1.0:
+                    problems[f"{spec.name}/{step}"] = "not started: past the deadline"
+                    continue
+                wall, problem = run_step(args.python, script, [settings_path, *extra], env, left())
+                step_times[f"{spec.name}/{step}"] = wall
+                if problem:
+                    problems[f"{spec.name}/{step}"] = problem
+                    print(f"{spec.name}: {step} {problem.splitlines()[0]}", flush=True)
+                if step == "prepare" and problem:
+                    break
+                if extra:
+                    merge_side(results, step, extra[0])
+                    print(f"{spec.name}: {step} side done in {wall:.0f} s", flush=True)
+            result = combine(settings, results, step_times, (loads, [round(x, 2) for x in os.getloadavg()]), argv)
+            result["meta"]["problems"] = problems
+            report.write_json(args.out, result)
+            report.write_text(md, report.markdown(result))
+            print(report.model_markdown(spec.name, result["models"][spec.name]), flush=True)
     print(open(md).read())
+    if problems:
+        print("problems:\n" + "\n".join(f"  {k}: {v.splitlines()[0]}" for k, v in problems.items()), file=sys.stderr)
     return result
 
 

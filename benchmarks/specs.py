@@ -12,6 +12,18 @@ Two models, the same architecture and weights in both frameworks:
     2 x 2048 tokens (``--long-batch``, ``--long-seq``), MiSS balance on all seven projections: the train
     step of ``LONG_CASES`` only (peak memory and time at real sequence lengths).
 ``--quick`` swaps both for tiny shapes (hidden 32, 1 layer) for smoke runs and tests.
+
+The GPU suite (``--device gpu``, `gpu_specs`) runs real LLM shapes, a chosen subset of cases each
+(``ModelSpec.cases``), in float32 (TF32 matmuls on both sides) and in bfloat16 (cases named ``.../bf16``):
+  * ``smollm2``: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536,
+    vocab 49152) at batch 8 x 2048: forward, train step, greedy generate;
+  * ``llama-1b``: a ~1B Llama (16 layers, hidden 2048, 32 heads / 8 KV heads, intermediate 8192, vocab
+    32000) at 8 x 2048: train step, merge;
+  * ``llama-1b-long``: the same model at 4 x 8192: a bf16 train step with flash attention (cuDNN; PyTorch's
+    sdpa) and the chunked loss, without and with per-layer gradient checkpointing.
+Their heads are untied and RoPE's theta the default: the same compute as the real checkpoints, and the
+same weights in both frameworks (transformers' Flax Llama ignores both fields; miss-jax's wrapping
+honours them).
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ LONG_CASES = ("balance/plain", "balance", "balance+remat")
 # concurrency and starts each checkpointed layer's recomputation early, which keeps the memory checkpointing
 # frees; the sequential scheduler keeps the saving (README "Long sequences"). XLA reads it at start-up only.
 LONG_XLA_FLAGS = {"balance+remat": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+BF16 = "/bf16"  # case-name suffix: base weights and activations bfloat16, adapter and optimizer state float32
+GPU_LONG_CASES = ("balance" + BF16, "balance+remat" + BF16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +64,16 @@ class ModelSpec:
     seq: int
     generate: tuple[int, int, int] = (0, 0, 0)  # causal LMs: (batch, prompt tokens, new tokens); 0: no generate
     suite: str = "standard"  # "standard": forward, train, generate, create, merge; "long": LONG_CASES only
+    cases: tuple[str, ...] = ()  # "group/case" names this model runs (empty: every case of its suite)
+
+    def runs(self, group: str, case: str) -> bool:
+        """Whether case `group/case` is part of this model's run."""
+        return not self.cases or f"{group}/{case}" in self.cases
+
+    def long_cases(self) -> tuple[str, ...]:
+        """The long-sequence cases this model runs (`LONG_CASES` unless `cases` names others)."""
+        named = tuple(c.split("/", 1)[1] for c in self.cases if c.startswith("long/"))
+        return named if self.cases else LONG_CASES
 
     @property
     def vocab(self) -> int:
@@ -75,8 +99,8 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> "Settings":
         d = json.loads(text)
-        models = tuple(ModelSpec(**{**m, "targets": tuple(m["targets"]), "generate": tuple(m["generate"])})
-                       for m in d.pop("models"))
+        models = tuple(ModelSpec(**{**m, "targets": tuple(m["targets"]), "generate": tuple(m["generate"]),
+                                    "cases": tuple(m["cases"])}) for m in d.pop("models"))
         return cls(models=models, **d)
 
 
@@ -107,6 +131,34 @@ def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: b
                            "causal_lm", llama_batch, llama_seq, (2, 8, 8) if quick else (8, 64, 128)),
         "llama-long": ModelSpec("llama-long", "LlamaConfig", "LlamaForCausalLM", long, projections, "causal_lm",
                                 long_batch, long_seq, suite="long"),
+    }
+
+
+def gpu_specs(batch: int, seq: int, long_batch: int, long_seq: int, quick: bool) -> dict[str, ModelSpec]:
+    """The GPU suite's models (see the module docstring); ``quick`` gives tiny shapes with the same cases."""
+    if quick:
+        small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+        smollm2, llama1b = dict(small), dict(small)
+        batch, seq, long_batch, long_seq = 2, 32, 2, 64
+    else:
+        smollm2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5)
+        llama1b = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8)
+    smollm2.update(max_position_embeddings=max(2048, seq), tie_word_embeddings=False)
+    llama1b.update(max_position_embeddings=max(8192, long_seq), tie_word_embeddings=False)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lm = ("LlamaConfig", "LlamaForCausalLM")
+    return {
+        "smollm2": ModelSpec("smollm2", *lm, smollm2, projections, "causal_lm", batch, seq,
+                             (2, 8, 8) if quick else (8, 64, 128),
+                             cases=("forward/base", "forward/balance", "train/balance", "train/balance" + BF16,
+                                    "generate/merged", "generate/balance")),
+        "llama-1b": ModelSpec("llama-1b", *lm, llama1b, projections, "causal_lm", batch, seq,
+                              cases=("train/balance", "train/balance" + BF16, "merge_and_unload/balance")),
+        "llama-1b-long": ModelSpec("llama-1b-long", *lm, llama1b, projections, "causal_lm", long_batch, long_seq,
+                                   suite="long", cases=tuple(f"long/{c}" for c in GPU_LONG_CASES)),
     }
 
 

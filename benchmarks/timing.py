@@ -161,10 +161,8 @@ class Rounds:
                "peak_rss_mb": round(self.start["rss"] + static["rss"] + transient["rss"], 1)}
         if self.memory.has_device:
             out["static_device_mb"] = round(static["device"], 1)
-            if self.memory.resettable_device:
+            if "device" in transient:  # a device peak that resets (PyTorch's); XLA's has none
                 out["peak_device_mb"] = round(self.start["device"] + static["device"] + transient["device"], 1)
-            else:  # no reset of the device peak (XLA): the process's peak so far
-                out["peak_device_mb"] = round(self.memory.peak()["device"], 1)
         return out
 
 
