@@ -61,6 +61,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="cpu: the CPU suite; gpu: the GPU suite (a dry run where there is no GPU)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: a side still running then is stopped, what it measured is kept")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated group/case names to keep of the models' cases (e.g. train/balance/bf16)")
     p.add_argument("--sides", default="jax,torch", help="comma-separated subset of: jax, torch")
     p.add_argument("--out", default=None, help="JSON path, .md beside it (default results/cpu.json or gpu.json)")
     p.add_argument("--workdir", default=None, help="where weights and side outputs go (default: a temp dir)")
@@ -84,6 +86,10 @@ def build_settings(args: argparse.Namespace, workdir: str) -> specs.Settings:
         batch, seq = (2, 24) if args.quick and args.batch is None and args.seq is None else (args.batch or 16, args.seq or 128)
         table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick,
                                   args.long_batch or 2, args.long_seq or 2048)
+    if args.cases:
+        keep = {c.strip() for c in args.cases.split(",") if c.strip()}
+        table = {n: dataclasses.replace(s, cases=tuple(c for c in s.cases if c in keep) or ("none",))
+                 for n, s in table.items()}
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         raise ValueError(f"--models {args.models!r}: unknown {unknown}; choose from {sorted(table)} "

@@ -21,8 +21,8 @@ module's own submodules (projections, rotary embedding, dropout), so MiSS's inte
   * `Sdpa(implementation)`: `fused_attention`, i.e. `jax.nn.dot_product_attention`, the attention of the
     library that owns it: cuDNN's flash attention on a GPU (bfloat16/float16), XLA's elsewhere. It has no
     attention dropout: a training call of a model with a dropout rate runs the module's own attention.
-  * `Flash(block_size)`: the platform's flash attention: cuDNN's where it fits (`cudnn_fits`), else
-    `Blockwise(block_size)` (CPU, float32 models, attention dropout).
+  * `Flash(block_size)`: the platform's attention for long sequences: on a GPU `Sdpa` (cuDNN's flash
+    attention where it fits, `cudnn_fits`; XLA's for float32), elsewhere `Blockwise(block_size)`.
 
 Covered modules (transformers class name -> family):
   * `FlaxLlamaAttention`, `FlaxGemmaAttention`: causal, RoPE, grouped-query attention.
@@ -406,8 +406,9 @@ class Sdpa:
 
 @dataclasses.dataclass(frozen=True)
 class Flash:
-    """The platform's flash attention: cuDNN's (`fused_attention`) on a GPU where it fits (`cudnn_fits`, no
-    attention dropout), else `blockwise_attention` with `block_size` (CPU, float32, dropout)."""
+    """The platform's attention for long sequences: on a GPU `fused_attention` (cuDNN's flash attention where
+    it fits, `cudnn_fits`; XLA's for float32), else, and with attention dropout, `blockwise_attention` with
+    `block_size` (written for XLA:CPU: on a GPU its unrolled blocks compile for minutes)."""
 
     block_size: int = 256
     name = "flash"
@@ -419,8 +420,8 @@ class Flash:
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float,
                  rng: Optional[jax.Array], window: Optional[int] = None) -> jax.Array:
         """As `Blockwise.__call__`."""
-        if cudnn_fits(q) and (rng is None or rate == 0.0):
-            return fused_attention(q, k, v, mask, window=window, implementation="cudnn")
+        if jax.default_backend() == "gpu" and (rng is None or rate == 0.0):
+            return fused_attention(q, k, v, mask, window=window)  # cuDNN where it fits, else XLA's
         return Blockwise(self.block_size)(q, k, v, mask, rate, rng, window)
 
 

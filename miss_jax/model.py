@@ -536,8 +536,9 @@ class MissModel:
         - "sdpa": `jax.nn.dot_product_attention`, the attention of the library that owns it: cuDNN's flash
           attention on a GPU for bfloat16/float16 models, XLA's elsewhere; no attention dropout (a training
           step with a dropout rate runs the model's own attention);
-        - "flash": the platform's flash attention: cuDNN's on a GPU where it fits (bfloat16/float16, head size
-          up to 128, no attention dropout), else "blockwise" with `block_size` (CPU, float32, dropout).
+        - "flash": the platform's attention for long sequences: "sdpa" on a GPU (cuDNN's flash attention for
+          bfloat16/float16 and head sizes up to 128, XLA's otherwise), "blockwise" with `block_size` elsewhere
+          and for attention dropout.
 
         Each is numerically the model's own attention (same masks, RoPE, sliding windows) on Llama, Mistral,
         Gemma, GPT-2, GPT-Neo, GPT-J and OPT; other families, cross-attention, generation with a KV cache and
