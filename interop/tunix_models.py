@@ -163,29 +163,34 @@ def set_rope(model: Any, inv_freq: np.ndarray) -> None:
         object.__setattr__(layer.attn, "__class__", rope_attention(base, tuple(float(f) for f in inv_freq)))
 
 
-def unloaded_weights(model: Any) -> list[str]:
-    """The graph paths of `model`'s parameters the loader left abstract (no tensor in the folder)."""
-    import jax
-    from flax import nnx
+def weight_names(base_dir: str) -> set[str]:
+    """The tensor names of the folder's `*.safetensors` files (ValueError if it has none: tunix loads only
+    safetensors)."""
+    from safetensors import safe_open
 
-    return [".".join(map(str, path)) for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if isinstance(value.get_value(), jax.ShapeDtypeStruct)]
+    files = sorted(f for f in os.listdir(base_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{base_dir!r} has no *.safetensors weights (tunix loads only those); re-save the model "
+                         "with save_pretrained(..., safe_serialization=True).")
+    names: set[str] = set()
+    for name in files:
+        with safe_open(os.path.join(base_dir, name), "np") as f:
+            names.update(f.keys())
+    return names
 
 
 def from_transformers(base_dir: str, family_name: Optional[str] = None) -> Any:
     """tunix's model of the transformers folder `base_dir` (float32, RoPE and head as the folder's config
     says); `family_name` (a `FAMILIES` key) defaults to the one of the folder's `model_type`. ValueError
-    naming the field for a config tunix cannot follow, or the weights the folder lacks."""
+    naming the field for a config tunix cannot follow, or for an untied folder without `lm_head.weight`."""
     family = FAMILIES[family_name or family_of(base_dir)]
     _, config, inv_freq = model_config(family, base_dir)
     _, params = tunix_modules(family)
     import jax.numpy as jnp
 
+    if not getattr(config, family.tied_field) and "lm_head.weight" not in weight_names(base_dir):
+        raise ValueError(f"{base_dir}: the weights have no lm_head.weight, and config.json does not tie the head to "
+                         "the embedding; if the model ties them, its config.json needs tie_word_embeddings: true.")
     model = params.create_model_from_safe_tensors(base_dir, config, dtype=jnp.float32)
-    missing = unloaded_weights(model)
-    if missing:
-        raise ValueError(f"{base_dir}: model.safetensors has no weights for {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}; if the model ties its head to the embedding, its "
-                         "config.json needs tie_word_embeddings: true.")
     set_rope(model, inv_freq)
     return model
