@@ -25,22 +25,33 @@ from miss_jax.nnx import miss_layers
 
 from . import nnx_io
 from .safetensors_io import read_config
-from .torch_ref import CheckResult
+from .torch_ref import DEFAULT_ATOL, CheckResult
 from .tunix_models import FAMILIES, from_transformers, model_config, tunix_modules
 
 TORCH_PYTHON_VARIABLE = "MISS_JAX_TORCH_PYTHON"
+RELATIVE_ATOL = 5e-5  # of the largest |PyTorch logit|: the default tolerance on large logits
 TORCH_SIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peft_logits.py")
 
 
 def causal_logits(model: Callable[..., Any], ids: np.ndarray) -> np.ndarray:
-    """A tunix LLM's logits `(batch, seq, vocab)` on token ids `(batch, seq)`, causal mask, no cache."""
+    """A tunix LLM's logits `(batch, seq, vocab)` on token ids `(batch, seq)`, causal mask, no cache; float32
+    matmuls at full precision (GPUs and TPUs would otherwise use TF32 / bfloat16 passes), as PyTorch's CPU."""
+    import jax
     import jax.numpy as jnp
 
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    out, _ = model(jnp.asarray(ids), positions, None, mask)
+    with jax.default_matmul_precision("highest"):
+        out, _ = model(jnp.asarray(ids), positions, None, mask)
     return np.asarray(out, np.float32)
+
+
+def default_atol(reference: np.ndarray) -> float:
+    """The check's tolerance when none is given: `DEFAULT_ATOL`, or `RELATIVE_ATOL` x the largest |logit| of
+    the PyTorch `reference` when that is larger (float32 rounding grows with a real model's depth and scale:
+    ~1e-4 on SmolLM2-135M's logits of scale ~30)."""
+    return max(DEFAULT_ATOL, RELATIVE_ATOL * float(np.max(np.abs(reference))))
 
 
 def torch_logits(torch_python: str, base_dir: str, adapter_dir: str, ids: np.ndarray) -> np.ndarray:
@@ -60,10 +71,11 @@ def torch_logits(torch_python: str, base_dir: str, adapter_dir: str, ids: np.nda
         return np.load(out_path)
 
 
-def check_nnx(family_name: str, base_dir: str, adapter_dir: str, atol: float = 1e-4, seq_len: int = 8,
+def check_nnx(family_name: str, base_dir: str, adapter_dir: str, atol: Optional[float] = None, seq_len: int = 8,
               batch: int = 2, seed: int = 0, torch_python: Optional[str] = None) -> CheckResult:
     """Loads `adapter_dir` on the NNX model of `base_dir` (family `family_name`, e.g. 'tunix-qwen3') and on its
-    transformers twin in PyTorch PEFT, runs the same random token ids `(batch, seq_len)`, compares logits."""
+    transformers twin in PyTorch PEFT, runs the same random token ids `(batch, seq_len)`, compares logits
+    within `atol` (default: `default_atol` of the PyTorch logits)."""
     family = FAMILIES[family_name]
     tunix_modules(family)  # first: without tunix nothing else can be checked
     read_config(adapter_dir)  # a clear error for a wrong folder before any model is loaded
@@ -79,5 +91,6 @@ def check_nnx(family_name: str, base_dir: str, adapter_dir: str, atol: float = 1
     zero = all(not np.any(np.asarray(layer.miss_block[n][...]))
                for layer in miss_layers(model.base_model).values() for n in layer.miss_block)
     diff = float(np.max(np.abs(jax_logits - want)))
-    return CheckResult({"logits": diff}, atol, f"peft-miss via {python} (NNX: {family_name})",
+    return CheckResult({"logits": diff}, default_atol(want) if atol is None else atol,
+                       f"peft-miss via {python} (NNX: {family_name})",
                        zero and not model.adapters[model.active_adapter].saved)
