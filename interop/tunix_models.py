@@ -110,8 +110,9 @@ def model_config(family: NnxFamily, base_dir: str) -> tuple[dict[str, Any], Any,
         raise ValueError(f"{path}: tunix's {family.model_type} model has no {unsupported}; it cannot match this "
                          "model's PyTorch logits. Use a folder without these settings.")
     theta, scaling = rope_settings(hf)
-    missing = [k for k in ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size",
-                           "num_attention_heads", "rms_norm_eps") if k not in hf] + (["rope_theta"] if theta is None else [])
+    needed = ("num_hidden_layers", "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+              "rms_norm_eps")
+    missing = [k for k in needed if k not in hf] + (["rope_theta"] if theta is None else [])
     if missing:
         raise ValueError(f"{path} lacks {missing}; re-save the model with transformers' save_pretrained.")
     heads = hf["num_attention_heads"]
@@ -151,8 +152,7 @@ def rope_attention(attention: type, inv_freq: tuple[float, ...]) -> type:
     rebound = types.FunctionType(block.__code__, scope, block.__name__, block.__defaults__, block.__closure__)
     rebound.__kwdefaults__ = block.__kwdefaults__
     rebound.__doc__ = f"tunix's {attention.__name__}.block with the folder's RoPE (interop.rope.rotate)."
-    return type(attention.__name__, (attention,), {"block": rebound, "__module__": __name__,
-                                                    "rope_inverse_frequencies": frequencies})
+    return type(attention.__name__, (attention,), {"block": rebound, "__module__": __name__})
 
 
 def set_rope(model: Any, inv_freq: np.ndarray) -> None:
@@ -183,6 +183,8 @@ def from_transformers(base_dir: str, family_name: Optional[str] = None) -> Any:
     """tunix's model of the transformers folder `base_dir` (float32, RoPE and head as the folder's config
     says); `family_name` (a `FAMILIES` key) defaults to the one of the folder's `model_type`. ValueError
     naming the field for a config tunix cannot follow, or for an untied folder without `lm_head.weight`."""
+    if family_name is not None and family_name not in FAMILIES:
+        raise ValueError(f"Unknown tunix family {family_name!r}; pick one of {sorted(FAMILIES)}.")
     family = FAMILIES[family_name or family_of(base_dir)]
     _, config, inv_freq = model_config(family, base_dir)
     _, params = tunix_modules(family)

@@ -48,7 +48,7 @@ def converter_python() -> str:
 def smollm2_folder() -> str:
     """The transformers folder of SmolLM2-135M-Instruct (float32), converted once into the cache."""
     folder = os.path.join(CACHE, NAME)
-    if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, "model.safetensors")):
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ("config.json", "model.safetensors")):
         return folder
     os.makedirs(CACHE, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=NAME + ".", dir=CACHE)

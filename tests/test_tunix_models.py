@@ -104,7 +104,8 @@ def test_what_tunix_cannot_follow_is_refused_by_field(twins, tmp_path, case, fie
 
 def test_the_check_refuses_an_unsupported_field_in_one_line(twins, tmp_path, capsys):
     folder = edited(twins, tmp_path, "qwen3-linear-tied", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    code = main(["check", "--nnx", "tunix-qwen3", "--base", folder, "--adapter", f"{twins['qwen3-linear-tied']}/adapter",
+    adapter = f"{twins['qwen3-linear-tied']}/adapter"
+    code = main(["check", "--nnx", "tunix-qwen3", "--base", folder, "--adapter", adapter,
                  "--torch-python", TORCH_PYTHON])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "rope_scaling type 'dynamic'" in err, err
