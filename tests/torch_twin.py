@@ -41,7 +41,7 @@ def model_class(arch: str) -> type:
 
 
 GREEDY = 6  # new tokens of the greedy decodes on the real checkpoint
-PROMPT = "The capital of France is"
+PROMPT = [[1, 504, 3575, 282, 4649, 314]]  # SmolLM2's tokens of "<|im_start|>The capital of France is"
 
 
 def config(arch: str, **fields: object) -> transformers.PretrainedConfig:
@@ -117,7 +117,7 @@ def load(base_dir: str) -> torch.nn.Module:
 
 
 def real(base_dir: str, out: str) -> None:
-    prompt = transformers.AutoTokenizer.from_pretrained(base_dir)(PROMPT, return_tensors="np")["input_ids"]
+    prompt = np.array(PROMPT, np.int64)
     np.save(os.path.join(out, "prompt.npy"), prompt)
     greedy(random_adapter(load(base_dir), os.path.join(out, "peft"), 7, 0.01), prompt, os.path.join(out, "peft"))
     zero = peft.get_peft_model(load(base_dir), peft.MissConfig(r=4, target_modules=TARGETS)).eval()
