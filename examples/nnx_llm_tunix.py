@@ -6,7 +6,8 @@
 1. Writes a tiny Qwen 3 as a transformers PyTorch folder (`config.json` + `model.safetensors` in torch's
    names and layout, random weights; written with NumPy, no torch needed) whose vocabulary is the 256
    bytes of UTF-8 text.
-2. Builds tunix's Qwen 3 from that folder (`create_model_from_safe_tensors`).
+2. Builds tunix's Qwen 3 from that folder (`interop.tunix_models.from_transformers`: RoPE at the folder's
+   `rope_theta`, float32, as transformers computes it).
 3. Adds a MiSS adapter (`miss_jax.nnx.get_peft_model`) on every projection, plus a trained copy of
    `lm_head` (`modules_to_save`), and trains it a few steps on next-byte prediction over
    `examples/data/fables.txt` with `nnx.Optimizer(..., wrt=peft_model.trainable)`.
@@ -36,18 +37,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from tunix.models.qwen3 import model as qwen3  # noqa: E402
-from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
 from interop import nnx_io  # noqa: E402
 from interop.nnx_check import TORCH_PYTHON_VARIABLE, causal_logits, check_nnx  # noqa: E402
+from interop.tunix_models import from_transformers  # noqa: E402
 from miss_jax import MissConfig  # noqa: E402
 from miss_jax.nnx import get_peft_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "data", "fables.txt")
 DIMS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1_000_000)
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10_000)
 
 
 def write_qwen3_folder(folder: str, seed: int = 0) -> None:
@@ -74,16 +74,6 @@ def write_qwen3_folder(folder: str, seed: int = 0) -> None:
               "torch_dtype": "float32"}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
-
-
-def tunix_qwen3(folder: str) -> qwen3.Qwen3:
-    """tunix's Qwen 3 with the folder's weights."""
-    config = qwen3.ModelConfig(num_layers=DIMS["num_hidden_layers"], vocab_size=DIMS["vocab_size"],
-                               embed_dim=DIMS["hidden_size"], hidden_dim=DIMS["intermediate_size"],
-                               num_heads=DIMS["num_attention_heads"], head_dim=DIMS["head_dim"],
-                               num_kv_heads=DIMS["num_key_value_heads"], rope_theta=DIMS["rope_theta"],
-                               norm_eps=DIMS["rms_norm_eps"], use_tied_embedding=False)
-    return qwen3_params.create_model_from_safe_tensors(folder, config)
 
 
 def byte_windows(path: str, seq: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
@@ -116,10 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base, adapter = os.path.join(args.out, "qwen3-tiny"), os.path.join(args.out, "adapter")
 
     write_qwen3_folder(base)
-    nnx_io.tunix_rules()  # the layer rule of tunix's Einsum projections
     config = MissConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"], modules_to_save=["lm_head"])
-    peft_model = get_peft_model(tunix_qwen3(base), config)
+    peft_model = get_peft_model(from_transformers(base), config)
     peft_model.print_trainable_parameters()
 
     optimizer = nnx.Optimizer(peft_model, optax.adam(args.lr), wrt=peft_model.trainable)
@@ -146,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     nnx_io.save_pretrained(peft_model, adapter, nnx_io.TUNIX_QWEN3)
     print(f"saved the PEFT folder {adapter}")
     probe = byte_windows(TEXT, 16, 2, 1, seed=1)[0, :, :16]
-    reloaded = nnx_io.from_pretrained(tunix_qwen3(base), adapter, nnx_io.TUNIX_QWEN3)
+    reloaded = nnx_io.from_pretrained(from_transformers(base), adapter, nnx_io.TUNIX_QWEN3)
     diff = float(np.max(np.abs(causal_logits(reloaded, probe) - causal_logits(peft_model, probe))))
     print(f"reloaded into a fresh tunix model: max |logits diff| = {diff:.2e}")
 

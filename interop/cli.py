@@ -288,7 +288,8 @@ and print the largest absolute difference per output. GPT-2 style Conv1D layers,
 MiSS cannot load, are checked through the adapter's exact LoRA export (PEFT's LoRA loads them).
 
 With --nnx FAMILY the JAX side is an NNX model instead: tunix's Qwen 3 or Llama 3 built from the
-folder's model.safetensors (create_model_from_safe_tensors), the adapter loaded through
+folder (interop.tunix_models.from_transformers: RoPE, dtype and tied head as its config.json says, or
+a refusal naming the field tunix cannot follow), the adapter loaded through
 interop.nnx_io.from_pretrained with that family's name map; the logits are compared. Its PyTorch
 side runs in --torch-python (default $MISS_JAX_TORCH_PYTHON, else this Python), an interpreter
 with torch, transformers and peft, so tunix (Python >= 3.12) and torch may live in two venvs.
@@ -325,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, metavar="MODEL_DIR",
                    help="transformers save_pretrained folder (torch and/or Flax weights)")
     p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT MiSS (or BONE) adapter folder")
-    p.add_argument("--atol", type=_nonnegative_float, default=1e-4,
-                   help="largest allowed absolute difference (default 1e-4)")
+    p.add_argument("--atol", type=_nonnegative_float, default=None,
+                   help="largest allowed absolute difference (default 1e-4; with --nnx, 1e-4 or 5e-5 x the largest "
+                        "|PyTorch logit|, whichever is larger)")
     p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens per sequence for text models (default 8)")
     p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
@@ -384,12 +386,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check" and (args.nnx or args.torch_python):
         return _check_nnx(args)
-    from .torch_ref import check, weight_formats
+    from .torch_ref import DEFAULT_ATOL, check, weight_formats
 
     weight_formats(args.base)  # fail fast on a bad --base
     with _quiet():
         if args.command == "check":
-            result = check(args.base, args.adapter, args.atol, args.seq_len, args.batch, args.seed, progress=True)
+            atol = DEFAULT_ATOL if args.atol is None else args.atol
+            result = check(args.base, args.adapter, atol, args.seq_len, args.batch, args.seed, progress=True)
             print("\n".join(result.lines()))
             return 0 if result.ok else 1
         lines = convert(args.src, args.to, args.base, args.out, args.rank, args.step, args.adapter_name)

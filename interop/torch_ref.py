@@ -26,6 +26,7 @@ TORCH_WEIGHTS = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
 FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+DEFAULT_ATOL = 1e-4  # the checks' default largest allowed |jax - torch|
 
 
 def _torch_modules() -> tuple[Any, Any]:
@@ -245,7 +246,7 @@ def adapter_is_zero(jax_model: MissModel) -> bool:
 def check(
     base_dir: str,
     adapter_dir: str,
-    atol: float = 1e-4,
+    atol: float = DEFAULT_ATOL,
     seq_len: int = 8,
     batch: int = 2,
     seed: int = 0,

@@ -210,9 +210,9 @@ def test_check_nnx_exit_codes_and_one_line_errors(capsys, twins, tmp_path, monke
     bad = tmp_path / "scaled"
     shutil.copytree(base, bad)
     config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    (bad / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
     code, _, err = run_cli(capsys, "check", "--nnx", "tunix-qwen3", "--base", bad, "--adapter", adapter)
-    assert code == 2 and "has no {'rope_scaling'" in err
+    assert code == 2 and "rope_scaling type 'yarn' is not supported" in err
 
 
 # --------------------------------------------------------------------------- examples/nnx_llm_tunix.py
