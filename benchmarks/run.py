@@ -44,7 +44,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None,
                    help="comma-separated subset of: bert, llama, llama-long (CPU; default all); "
-                        "smollm2, llama-1b, llama-1b-long (--device gpu; default all)")
+                        "llama-1b-long, smollm2, llama-1b (--device gpu; default all)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CPU, BERT and Llama; 8 on GPU)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU; 2048 on GPU)")
     p.add_argument("--llama-batch", type=int, default=None)
@@ -62,14 +62,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: a side still running then is stopped, what it measured is kept")
     p.add_argument("--cases", default=None,
-                   help="comma-separated group/case names to keep of the models' cases (e.g. train/balance/bf16)")
+                   help="comma-separated group/case names each model runs instead of its own (e.g. "
+                        "forward/base,forward/balance,train/balance/bf16; long/... for the long models)")
     p.add_argument("--sides", default="jax,torch", help="comma-separated subset of: jax, torch")
     p.add_argument("--out", default=None, help="JSON path, .md beside it (default results/cpu.json or gpu.json)")
     p.add_argument("--workdir", default=None, help="where weights and side outputs go (default: a temp dir)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the side processes")
     args = p.parse_args(argv)
     gpu = args.device == "gpu"
-    args.models = args.models or ("smollm2,llama-1b,llama-1b-long" if gpu else "bert,llama,llama-long")
+    args.models = args.models or ("llama-1b-long,smollm2,llama-1b" if gpu else "bert,llama,llama-long")
     args.out = args.out or os.path.join(HERE, "results", f"{args.device}.json")
     args.repeats = args.repeats or (3 if gpu else 5)
     if args.quick:
@@ -86,10 +87,10 @@ def build_settings(args: argparse.Namespace, workdir: str) -> specs.Settings:
         batch, seq = (2, 24) if args.quick and args.batch is None and args.seq is None else (args.batch or 16, args.seq or 128)
         table = specs.model_specs(batch, seq, args.llama_batch or batch, args.llama_seq or seq, args.quick,
                                   args.long_batch or 2, args.long_seq or 2048)
-    if args.cases:
-        keep = {c.strip() for c in args.cases.split(",") if c.strip()}
-        table = {n: dataclasses.replace(s, cases=tuple(c for c in s.cases if c in keep) or ("none",))
-                 for n, s in table.items()}
+    if args.cases:  # the GPU suite's models name their cases; --cases sets them
+        keep = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+        table = {n: dataclasses.replace(s, cases=tuple(c for c in keep if c.startswith("long/") == (s.suite == "long"))
+                                        or ("none",)) for n, s in table.items()}
     unknown = [n for n in names if n not in table]
     if unknown or not names:
         raise ValueError(f"--models {args.models!r}: unknown {unknown}; choose from {sorted(table)} "

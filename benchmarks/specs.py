@@ -15,12 +15,14 @@ Two models, the same architecture and weights in both frameworks:
 
 The GPU suite (``--device gpu``, `gpu_specs`) runs real LLM shapes, a chosen subset of cases each
 (``ModelSpec.cases``), in float32 (TF32 matmuls on both sides) and in bfloat16 (cases named ``.../bf16``):
+  * ``llama-1b-long``: a ~1B Llama (16 layers, hidden 2048, 32 heads / 8 KV heads, intermediate 8192, vocab
+    32000) at 4 x 8192: a bf16 train step with flash attention (cuDNN; PyTorch's sdpa) and the chunked
+    loss, without and with per-layer gradient checkpointing;
   * ``smollm2``: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536,
-    vocab 49152) at batch 8 x 2048: forward, train step, greedy generate;
-  * ``llama-1b``: a ~1B Llama (16 layers, hidden 2048, 32 heads / 8 KV heads, intermediate 8192, vocab
-    32000) at 8 x 2048: train step, merge;
-  * ``llama-1b-long``: the same model at 4 x 8192: a bf16 train step with flash attention (cuDNN; PyTorch's
-    sdpa) and the chunked loss, without and with per-layer gradient checkpointing.
+    vocab 49152) at batch 8 x 2048: train step (bf16 and float32), greedy generate (batch 8, prompt 64,
+    128 new tokens, adapter unmerged);
+  * ``llama-1b`` at 8 x 2048: bf16 train step, merge.
+``run.py --cases`` picks others of `ModelSpec.runs`' names (forward/base, forward/balance, generate/merged, ...).
 Their heads are untied and RoPE's theta the default: the same compute as the real checkpoints, and the
 same weights in both frameworks (transformers' Flax Llama ignores both fields; miss-jax's wrapping
 honours them).
@@ -150,15 +152,16 @@ def gpu_specs(batch: int, seq: int, long_batch: int, long_seq: int, quick: bool)
     llama1b.update(max_position_embeddings=max(8192, long_seq), tie_word_embeddings=False)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     lm = ("LlamaConfig", "LlamaForCausalLM")
+    # Ordered and trimmed to fit 8 minutes on one H200: each compiled step of these models takes 30-40 s (XLA:GPU),
+    # loading and the same-weights forward 20-60 s per model (measured: README "On a GPU").
     return {
-        "smollm2": ModelSpec("smollm2", *lm, smollm2, projections, "causal_lm", batch, seq,
-                             (2, 8, 8) if quick else (8, 64, 128),
-                             cases=("forward/base", "forward/balance", "train/balance", "train/balance" + BF16,
-                                    "generate/merged", "generate/balance")),
-        "llama-1b": ModelSpec("llama-1b", *lm, llama1b, projections, "causal_lm", batch, seq,
-                              cases=("train/balance", "train/balance" + BF16, "merge_and_unload/balance")),
         "llama-1b-long": ModelSpec("llama-1b-long", *lm, llama1b, projections, "causal_lm", long_batch, long_seq,
                                    suite="long", cases=tuple(f"long/{c}" for c in GPU_LONG_CASES)),
+        "smollm2": ModelSpec("smollm2", *lm, smollm2, projections, "causal_lm", batch, seq,
+                             (2, 8, 8) if quick else (8, 64, 128),
+                             cases=("train/balance" + BF16, "train/balance", "generate/balance")),
+        "llama-1b": ModelSpec("llama-1b", *lm, llama1b, projections, "causal_lm", batch, seq,
+                              cases=("train/balance" + BF16, "merge_and_unload/balance")),
     }
 
 
