@@ -225,3 +225,79 @@ def test_attention_benchmark_writes_every_case(tmp_path: Any) -> None:
         assert case["median_s"] > 0 and case["min_s"] <= case["median_s"] and case["minor_faults"] >= 0, name
     assert result["cases"]["jax/blockwise"]["temp_mb"] >= 0 and result["meta"]["seq"] == 32
     assert "| jax/blockwise |" in (tmp_path / "attention.md").read_text()
+
+
+# --------------------------------------------------------------------------- the GPU suite, dry-run on CPU
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """`run.py --device gpu --quick`: the GPU suite's code paths (bf16 cases, flash attention, long cases in
+    process order, per-model saves) on tiny shapes, on whatever device this machine has."""
+    out = str(tmp_path_factory.mktemp("gpu") / "gpu.json")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--device", "gpu", "--quick", "--out", out],
+                          cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f), out
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_measures_every_named_case_on_both_sides(gpu_dry_run: tuple[dict[str, Any], str]) -> None:
+    specs = _bench_module("specs")
+    result, out = gpu_dry_run
+    table = specs.gpu_specs(8, 2048, 4, 8192, quick=True)
+    assert list(result["models"]) == list(table) == ["llama-1b-long", "smollm2", "llama-1b"]
+    assert not result["meta"]["problems"]
+    for name, spec in table.items():
+        model = result["models"][name]
+        assert model["same_weights_max_abs_diff"] < 1e-4, name
+        for side in ("jax", "torch"):
+            for case in spec.cases:
+                group, _, rest = case.partition("/")
+                _check_measure(model[side][group][rest], f"{name}/{side}/{case}",
+                               repeated=group not in ("create", "merge_and_unload"))
+        if spec.suite == "long":  # flash attention: blockwise on CPU, cuDNN on a GPU
+            assert all(c["attention"] == "flash" for c in model["jax"]["long"].values())
+    text = open(os.path.splitext(out)[0] + ".md").read()
+    for row in ("long/balance/bf16", "long/balance+remat/bf16", "train/balance/bf16", "generate/balance"):
+        assert f"| {row} |" in text
+
+
+def test_a_run_past_its_deadline_still_writes_what_it_has(tmp_path: Any) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--device", "gpu", "--quick", "--models",
+                           "smollm2", "--deadline", "0.5", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    problems = result["meta"]["problems"]
+    assert problems and all(k.startswith("smollm2/") for k in problems)
+    assert "stopped at the deadline" in " ".join(problems.values()) or "past the deadline" in " ".join(problems.values())
+    assert "Not measured: smollm2/" in (tmp_path / "gpu.md").read_text()
+
+
+def test_matmul_flops_count_every_dot_of_a_lowered_program() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    hlo = _bench_module("hlo")
+
+    def f(x: Any, w: Any, v: Any) -> Any:
+        inner = jax.checkpoint(lambda y: jnp.einsum("btd,de->bte", y, w))  # a dot inside a called computation
+        return inner(x).sum(-1, keepdims=True) @ v
+
+    lowered = jax.jit(f).lower(jnp.ones((2, 3, 4)), jnp.ones((4, 7)), jnp.ones((1, 5)))
+    assert hlo.matmul_flops(lowered.as_text(dialect="hlo")) == 2 * (2 * 3 * 7) * 4 + 2 * (2 * 3 * 5) * 1
+    assert hlo.program_memory_mb(lowered.compile()) >= 0
+
+
+def test_gpu_cases_option_sets_each_models_cases() -> None:
+    run = _bench_module("run")
+    settings = run.build_settings(run.parse_args(["--device", "gpu", "--quick", "--cases",
+                                                  "train/balance,long/balance/bf16"]), "/tmp/unused")
+    cases = {s.name: s.cases for s in settings.models}
+    assert cases == {"llama-1b-long": ("long/balance/bf16",), "smollm2": ("train/balance",),
+                     "llama-1b": ("train/balance",)}
+    with pytest.raises(ValueError, match="--device gpu"):
+        run.build_settings(run.parse_args(["--device", "gpu", "--models", "bert"]), "/tmp/unused")
