@@ -43,7 +43,7 @@ import specs  # noqa: E402
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None,
-                   help="comma-separated subset of: bert, llama, llama-long (CPU; default all); "
+                   help="comma-separated subset of: bert, llama, llama-long (CPU; default), smollm2, smollm2-long; "
                         "llama-1b-long, smollm2, llama-1b (--device gpu; default all)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CPU, BERT and Llama; 8 on GPU)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 128 on CPU; 2048 on GPU)")

@@ -11,7 +11,9 @@ Two models, the same architecture and weights in both frameworks:
   * ``llama-long``: a Llama of 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 32000 at batch
     2 x 2048 tokens (``--long-batch``, ``--long-seq``), MiSS balance on all seven projections: the train
     step of ``LONG_CASES`` only (peak memory and time at real sequence lengths).
-``--quick`` swaps both for tiny shapes (hidden 32, 1 layer) for smoke runs and tests.
+  * ``smollm2`` / ``smollm2-long`` (``--models``; not in the default run): the SmolLM2-135M shape (below) at 4 x 512
+    (forward, train step, unmerged greedy generate) and at the long-sequence batch (2 x 2048 by default).
+``--quick`` swaps them for tiny shapes (hidden 32, 1 layer) for smoke runs and tests.
 
 The GPU suite (``--device gpu``, `gpu_specs`) runs real LLM shapes, a chosen subset of cases each
 (``ModelSpec.cases``), in float32 (TF32 matmuls on both sides) and in bfloat16 (cases named ``.../bf16``):
@@ -126,7 +128,14 @@ def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: b
     llama.update(max_position_embeddings=max(512, llama_seq), tie_word_embeddings=False)
     long.update(max_position_embeddings=max(2048, long_seq), tie_word_embeddings=False)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    smollm2 = dict(SMOLLM2 if not quick else llama, max_position_embeddings=2048, tie_word_embeddings=False)
     return {
+        "smollm2": ModelSpec("smollm2", "LlamaConfig", "LlamaForCausalLM", smollm2, projections, "causal_lm",
+                             *((2, 24) if quick else (4, 512)), (2, 8, 8) if quick else (8, 64, 128),
+                             cases=("forward/base", "forward/balance", "train/balance", "generate/balance")),
+        "smollm2-long": ModelSpec("smollm2-long", "LlamaConfig", "LlamaForCausalLM", smollm2, projections,
+                                  "causal_lm", long_batch, long_seq, suite="long",
+                                  cases=("long/balance", "long/balance+remat")),
         "bert": ModelSpec("bert", "BertConfig", "BertForSequenceClassification", bert,
                           ("query", "value", "dense"), "classification", batch, seq),
         "llama": ModelSpec("llama", "LlamaConfig", "LlamaForCausalLM", llama, projections,
@@ -134,6 +143,12 @@ def model_specs(batch: int, seq: int, llama_batch: int, llama_seq: int, quick: b
         "llama-long": ModelSpec("llama-long", "LlamaConfig", "LlamaForCausalLM", long, projections, "causal_lm",
                                 long_batch, long_seq, suite="long"),
     }
+
+
+# SmolLM2-135M's shape (its head is tied and its RoPE theta 1e5 in the checkpoint: the same compute untied at the
+# default theta, which keeps both frameworks' weights equal on transformers' Flax Llama)
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, rms_norm_eps=1e-5)
 
 
 def gpu_specs(batch: int, seq: int, long_batch: int, long_seq: int, quick: bool) -> dict[str, ModelSpec]:
@@ -144,8 +159,7 @@ def gpu_specs(batch: int, seq: int, long_batch: int, long_seq: int, quick: bool)
         smollm2, llama1b = dict(small), dict(small)
         batch, seq, long_batch, long_seq = 2, 32, 2, 64
     else:
-        smollm2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5)
+        smollm2 = dict(SMOLLM2)
         llama1b = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                        num_attention_heads=32, num_key_value_heads=8)
     smollm2.update(max_position_embeddings=max(2048, seq), tie_word_embeddings=False)
