@@ -405,24 +405,19 @@ class Sdpa:
 
 
 @dataclasses.dataclass(frozen=True)
-class Flash:
+class Flash(Blockwise):
     """The platform's attention for long sequences: on a GPU `fused_attention` (cuDNN's flash attention where
-    it fits, `cudnn_fits`; XLA's for float32), else, and with attention dropout, `blockwise_attention` with
-    `block_size` (written for XLA:CPU: on a GPU its unrolled blocks compile for minutes)."""
+    it fits, `cudnn_fits`; XLA's for float32), else, and with attention dropout, `Blockwise` with `block_size`
+    (written for XLA:CPU: on a GPU its unrolled blocks compile for minutes)."""
 
-    block_size: int = 256
     name = "flash"
-    has_dropout = True
-
-    def __post_init__(self) -> None:
-        check_block_size(self.block_size)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], rate: float,
                  rng: Optional[jax.Array], window: Optional[int] = None) -> jax.Array:
         """As `Blockwise.__call__`."""
         if jax.default_backend() == "gpu" and (rng is None or rate == 0.0):
             return fused_attention(q, k, v, mask, window=window)  # cuDNN where it fits, else XLA's
-        return Blockwise(self.block_size)(q, k, v, mask, rate, rng, window)
+        return super().__call__(q, k, v, mask, rate, rng, window)
 
 
 Kernel = Union[Blockwise, Sdpa, Flash]

@@ -219,20 +219,29 @@ def test_attention_kernels_equal_plain(name, kernel):
     _assert_trees_close(grads_k, grads)
 
 
+def _gqa_inputs():
+    """q `(2, 11, 6, 8)`, k and v `(2, 11, 2, 8)`: three query heads per key/value head."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    return (jax.random.normal(keys[0], (2, 11, 6, 8)), jax.random.normal(keys[1], (2, 11, 2, 8)),
+            jax.random.normal(keys[2], (2, 11, 2, 8)))
+
+
+def _direct_attention(q, k, v, mask, window):
+    """A direct softmax over the full (B, H, T, S) scores of `_gqa_inputs`, causal, with a key mask and window."""
+    i, j = jnp.arange(11)[:, None], jnp.arange(11)[None, :]
+    allowed = (j <= i) & (i - j <= (window if window is not None else 11)) & mask[:, None, None, :]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(8.0), jnp.repeat(k, 3, axis=2))
+    weights = jax.nn.softmax(scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.repeat(v, 3, axis=2))
+
+
 def test_fused_attention_masks_gqa_and_windows():
     """`fused_attention` against the dense softmax, with and without padded keys (the two `lax.cond` branches)."""
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(keys[0], (2, 11, 6, 8))
-    k, v = jax.random.normal(keys[1], (2, 11, 2, 8)), jax.random.normal(keys[2], (2, 11, 2, 8))
+    q, k, v = _gqa_inputs()
     for mask in (jnp.ones((2, 11), bool), jnp.ones((2, 11), bool).at[1, :3].set(False).at[0, -2:].set(False)):
         for window in (None, 2):
-            i, j = jnp.arange(11)[:, None], jnp.arange(11)[None, :]
-            allowed = (j <= i) & (i - j <= (window if window is not None else 11)) & mask[:, None, None, :]
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(8.0), jnp.repeat(k, 3, axis=2))
-            weights = jax.nn.softmax(scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min), axis=-1)
-            expected = jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.repeat(v, 3, axis=2))
             got = jax.jit(lambda q, k, v, m: attention.fused_attention(q, k, v, m, window=window))(q, k, v, mask)
-            np.testing.assert_allclose(got, expected, **TOL)
+            np.testing.assert_allclose(got, _direct_attention(q, k, v, mask, window), **TOL)
     assert not attention.cudnn_fits(q.astype(jnp.bfloat16)) or jax.default_backend() == "gpu"
 
 
@@ -263,17 +272,10 @@ def test_attention_and_remat_compose(name):
 
 def test_blockwise_attention_window_and_gqa():
     """The pure function against a direct softmax over the full (B, H, T, S) scores."""
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(keys[0], (2, 11, 6, 8))
-    k, v = jax.random.normal(keys[1], (2, 11, 2, 8)), jax.random.normal(keys[2], (2, 11, 2, 8))
+    q, k, v = _gqa_inputs()
     mask = jnp.ones((2, 11), bool).at[1, :3].set(False)
-    i, j = jnp.arange(11)[:, None], jnp.arange(11)[None, :]
-    allowed = (j <= i) & (i - j <= 2) & mask[:, None, None, :]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(8.0), jnp.repeat(k, 3, axis=2))
-    weights = jax.nn.softmax(scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min), axis=-1)
-    expected = jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.repeat(v, 3, axis=2))
     got = attention.blockwise_attention(q, k, v, mask, window=2, block_size=4)
-    np.testing.assert_allclose(got, expected, **TOL)
+    np.testing.assert_allclose(got, _direct_attention(q, k, v, mask, 2), **TOL)
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
