@@ -371,8 +371,16 @@ class MissModel:
         the adapter pytree (`{"miss": {adapter: ...}, "modules_to_save": ..., "bias": ...}`).
 
         Every leaf must already exist in the adapter pytree, with the same shape and dtype; otherwise
-        ValueError names the leaf and the model is unchanged.
+        ValueError names the leaf and the model is unchanged (`check_update`).
         """
+        self.check_update(trainable)
+        current = tree.flatten(self.adapter_params)
+        current.update({path: jnp.asarray(v) for path, v in tree.flatten(trainable).items()})
+        self.adapter_params = {**adapters.empty(), **tree.unflatten(current)}
+
+    def check_update(self, trainable: Mapping) -> None:
+        """ValueError, naming each leaf, unless `update_params(trainable)` would be accepted: a train step checks
+        its state with it before the call that donates the state."""
         current = tree.flatten(self.adapter_params)
         new = tree.flatten(trainable)
         problems = []
@@ -389,8 +397,6 @@ class MissModel:
                 )
         if problems:
             raise ValueError("update_params refused, the model is unchanged: " + "; ".join(problems) + ".")
-        current.update({path: jnp.asarray(v) for path, v in new.items()})
-        self.adapter_params = {**adapters.empty(), **tree.unflatten(current)}
 
     def place(self, params: Mapping, adapter_params: Mapping) -> None:
         """Replaces the base params and the whole adapter pytree by copies placed elsewhere (e.g. sharded over
