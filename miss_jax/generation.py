@@ -106,7 +106,8 @@ def effective_generation_config(model: Any, generation_config: Optional[Any] = N
     """The generation config transformers' Flax `generate` uses (4.x): `generation_config` if given, else
     `model.generation_config`, or, when that one was made from the model config and never edited, one made
     again from `model.config` as it is now (transformers' legacy rule, with its warning: an edit of
-    `model.config.eos_token_id` or `max_length` takes effect). A copy: the model is not changed."""
+    `model.config.eos_token_id` or `max_length` takes effect; as transformers does, that one then becomes
+    `model.generation_config`). A copy is returned."""
     if generation_config is not None:
         return copy.deepcopy(generation_config)
     current = model.generation_config
@@ -120,7 +121,8 @@ def effective_generation_config(model: Any, generation_config: Optional[Any] = N
                 "the model generation configuration (see "
                 "https://huggingface.co/docs/transformers/generation_strategies#default-text-generation-configuration )"
             )
-            return rebuilt
+            model.generation_config = rebuilt
+            return copy.deepcopy(rebuilt)
     return copy.deepcopy(current)
 
 
