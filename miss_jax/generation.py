@@ -112,7 +112,8 @@ def effective_generation_config(model: Any, generation_config: Optional[Any] = N
         return copy.deepcopy(generation_config)
     current = model.generation_config
     # transformers' own attributes for this rule (`FlaxGenerationMixin.generate`)
-    if getattr(current, "_from_model_config", False) and getattr(current, "_original_object_hash", None) == hash(current):
+    untouched = getattr(current, "_original_object_hash", None) == hash(current)
+    if getattr(current, "_from_model_config", False) and untouched:
         rebuilt = type(current).from_model_config(model.config)
         if rebuilt != current:
             warnings.warn(

@@ -449,7 +449,8 @@ class MissModel:
         """The pure forward `f(params, adapter_params, *args, **model_kwargs)` for `plan` (default: now's), run
         with the `forward_options` of this moment (gradient checkpointing, attention implementation).
 
-        Not jitted, so it composes with `jax.grad`/`jax.jit`/`shard_map` in user code; `adapter_params`
+        Not jitted, so it composes with `jax.grad`/`jax.jit`/`shard_map` in user code (a jit of yours reads the
+        model's config when it traces: after an edit of `peft_model.config`, jit a new function); `adapter_params`
         may be the full pytree or `trainable_params()`.
         """
         plan = plan or self.plan

@@ -284,7 +284,9 @@ class MissLinear(nnx.Module):
         undo, order = ops.merge_schedule(self.variants, self.merged_adapters, names)
         return tuple(n for n in self.merged_adapters if n not in undo) + order
 
-    def check_merge_state(self, active: Sequence[str], merged: Sequence[str], action: str, key: str = "this layer") -> None:
+    def check_merge_state(
+        self, active: Sequence[str], merged: Sequence[str], action: str, key: str = "this layer"
+    ) -> None:
         """ValueError when this layer, with `active` adapters and `merged` ones merged, would not compute what
         it computes unmerged (`adapters.check_merge_state`)."""
         adapters.check_merge_state({key: self.variants}, () if self.disabled else active, merged, action)

@@ -475,7 +475,8 @@ def partial_merge_problem(
     first = min(list(active).index(n) for n in bats)
     late = [n for n in merged if n in active and list(active).index(n) > first]
     if late:
-        return f"the merged bat adapters {late} would apply before the unmerged {bats}, which come first in {list(active)}"
+        return (f"the merged bat adapters {late} would apply before the unmerged {bats}, which come first in "
+                f"{list(active)}")
     return None
 
 
