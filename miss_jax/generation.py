@@ -83,7 +83,7 @@ def generate(
     adapter_params = peft_model.adapter_params if adapter_params is None else adapter_params
     if not trace:
         return _run(model, plan, statics + (("trace", False),), params, adapter_params, input_ids, arrays)
-    key = (programs.model_key(model), plan, statics, programs.shapes((input_ids, arrays)))
+    key = (programs.model_key(model), plan, _key(statics), programs.shapes((input_ids, arrays)))
 
     def build(current: Callable[[], Any]) -> Callable:
         return jax.jit(lambda *args: _run(current(), plan, statics, *args))
@@ -155,6 +155,12 @@ def _freeze(value: Any) -> Any:
         # miss_jax imports without transformers, which only transformers' own models bring)
         return copy.deepcopy(value)
     return value
+
+
+def _key(statics: Statics) -> Statics:
+    """`statics` with each GenerationConfig as its JSON (hashed once here, not at every look-up of the key)."""
+    return tuple((k, v.to_json_string(ignore_metadata=True) if type(v).__name__ == "GenerationConfig" else v)
+                 for k, v in statics)
 
 
 def _thaw(value: Any) -> Any:

@@ -133,7 +133,7 @@ def test_generate_honours_an_edited_model_config_as_transformers_does():
 def test_generate_checks_positions_against_a_max_length_set_in_the_model_config():
     pm, _ = _generating_pair(53)
     pm.config.max_length = 100  # more than the 64 positions
-    with pytest.raises(ValueError, match="Generation needs 100 positions but .* has 64"):
+    with pytest.raises(ValueError, match="Generation needs 100 positions but .* has 64"), pytest.warns(UserWarning):
         pm.generate(IDS)
 
 
