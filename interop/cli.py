@@ -252,6 +252,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed for NumPy's generator (`numpy.random.default_rng`): a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _lora_rank(text: str) -> Union[int, float]:
     """An int rank, or a float energy threshold in (0, 1] (PEFT's `convert_to_lora`)."""
     from .lora import check_rank
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "|PyTorch logit|, whichever is larger)")
     p.add_argument("--seq-len", type=_positive_int, default=8, help="tokens per sequence for text models (default 8)")
     p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--nnx", choices=("tunix-qwen3", "tunix-llama3"), default=None, metavar="{tunix-qwen3,tunix-llama3}",
                    help="check on this NNX model family (needs google-tunix) instead of transformers' Flax model")
     p.add_argument("--torch-python", default=None, metavar="PY",

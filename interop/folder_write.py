@@ -60,7 +60,8 @@ _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOLCK, errno.ENOTSUP, errno.EOPNO
 def check_sub_folder(name: str) -> None:
     """ValueError unless `name` (an adapter other than `default`) can be the name of its sub-folder:
     one plain path component, not `.`/`..`, and not the name of a file of the adapter folder."""
-    if not name or name in (".", "..") or os.sep in name or (os.altsep or os.sep) in name:
+    if (not name or name in (".", "..") or os.sep in name or (os.altsep or os.sep) in name or "\0" in name
+            or len(name.encode()) > 255):
         raise ValueError(
             f"Adapter name {name!r} cannot be saved: adapters other than 'default' are saved in a sub-folder named "
             "after them, so the name must be one plain folder name. Rename the adapter."
@@ -70,6 +71,23 @@ def check_sub_folder(name: str) -> None:
             f"Adapter name {name!r} cannot be saved: adapters other than 'default' are saved in a sub-folder named "
             f"after them, and {name!r} is the name of a file of the adapter folder ({sorted(RESERVED_NAMES)} are "
             "taken). Rename the adapter."
+        )
+
+
+def check_dtype(dtype: Optional[Any]) -> None:
+    """ValueError unless `dtype` (a save's tensor dtype; None keeps each tensor's) is a floating dtype: adapter
+    weights cast to an integer or bool dtype would be rounded (mostly to zeros) and reload silently wrong."""
+    import jax.numpy as jnp
+
+    try:
+        floating = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r} is not a dtype; pass a floating dtype such as jnp.float32.") from None
+    if not floating:
+        raise ValueError(
+            f"dtype={jnp.dtype(dtype).name} cannot hold adapter weights (they would be rounded to integers, mostly "
+            "zeros); pass a floating dtype such as jnp.float32 (PEFT's default), jnp.bfloat16, or None to keep each "
+            "tensor's own."
         )
 
 

@@ -191,18 +191,59 @@ def _torch_saved(config: MissConfig, model: nnx.Module, saved: Sequence[str], na
     return config.modules_to_save if picked == wanted else tuple(wanted)
 
 
+def _torch_layers(model: nnx.Module, name_map: NameMap) -> dict[str, tuple[str, Layer]]:
+    """The model's mapped linear layers as its torch twin names them: `{torch path: (nnx key, Layer with the
+    torch path)}`, for matching a config's torch-side targets (PEFT's rules) on them."""
+    return {n: (k, dataclasses.replace(layer, path=tuple(n.split("."))))
+            for k, layer in discover(model).items() if layer.is_linear
+            for n in [name_map.torch_name(k)] if n is not None}
+
+
 def _torch_targets(config: MissConfig, model: nnx.Module, layer_keys: Sequence[str], name_map: NameMap) -> Any:
     """`target_modules` for the torch twin: the config's own if it selects the same layers there, else the
     list of their torch paths."""
-    mapped = {n: layer for k, layer in discover(model).items() if layer.is_linear
-              for n in [name_map.torch_name(k)] if n is not None}
-    torch_layers = {n: dataclasses.replace(layer, path=tuple(n.split("."))) for n, layer in mapped.items()}
+    torch_layers = {n: layer for n, (_, layer) in _torch_layers(model, name_map).items()}
     wanted = sorted(torch_names(model, layer_keys, name_map).values())
     try:
         same = sorted(layer.key for layer in select(config, torch_layers)) == wanted
     except ValueError:
         same = False
     return config.target_modules if same else tuple(wanted)
+
+
+def _check_coverage(model: nnx.Module, config: MissConfig, blocks: Mapping[str, Any], biases: Mapping[str, Any],
+                    saved: Sequence[str], name_map: NameMap, folder: str) -> None:
+    """ValueError unless the folder's blocks are exactly those of the layers its config targets (PEFT's rules on
+    the torch paths) and its biases exactly those its `bias` mode trains, as the Linen loader requires
+    (`interop.state_dict.set_peft_model_state_dict`): a folder missing blocks, or holding a bias its config
+    does not train (`bias="none"`), is refused, never loaded on fewer layers or over the base bias."""
+    view = _torch_layers(model, name_map)
+    try:
+        targeted = {view[layer.key][0] for layer in select(config, {n: layer for n, (_, layer) in view.items()})}
+    except ValueError as e:
+        raise ValueError(f"{folder}: its config's targets do not fit this model through the name map: {e}") from None
+    layers = discover(model)
+    if config.bias == "none":
+        trained: set[str] = set()
+    elif config.bias == "MiSS_only":
+        trained = {k for k in targeted if layers[k].has_bias}
+    else:
+        nodes = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+        trained = {k for k in layers if name_map.torch_name(k) is not None and k in nodes
+                   and not any(k == s or k.startswith(s + ".") for s in saved) and bias_leaf(nodes[k], k) is not None}
+    problems = []
+    for what, want, have in (("miss_block", targeted, set(blocks)), ("bias", trained, set(biases))):
+        missing, extra = sorted(want - have), sorted(have - want)
+        if missing:
+            problems.append(f"no {what} for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if extra:
+            problems.append(f"a {what} for {extra[:6]}{' ...' if len(extra) > 6 else ''}, which its config "
+                            f"(target_modules, bias={config.bias!r}) does not cover")
+    if problems:
+        raise ValueError(
+            f"{folder} does not match its own adapter config on this model: " + "; ".join(problems) + ". Check the "
+            "name map and that the folder was saved from this architecture with this adapter config."
+        )
 
 
 def adapter_files(peft_model: MissNnxModel, adapter_name: str, name_map: NameMap,
@@ -242,6 +283,7 @@ def save_pretrained(peft_model: MissNnxModel, save_directory: str, name_map: Nam
                     selected_adapters: Optional[Sequence[str]] = None, dtype: Any = jnp.float32) -> None:
     """Writes adapters as PEFT folders (`default` at the root, the others in sub-folders named after them),
     keyed by the torch module paths `name_map` gives; PyTorch PEFT loads them on the torch twin."""
+    folder_write.check_dtype(dtype)
     selected = list(peft_model.adapters) if selected_adapters is None else list(selected_adapters)
     bad = [n for n in selected if n not in peft_model.adapters]
     if bad or not selected:
@@ -343,6 +385,7 @@ def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], nam
                 "folder was trained on this architecture and size."
             )
     check_bias_shapes(model, biases, folder)
+    _check_coverage(model, config, blocks, biases, tuple(copies), name_map, folder)
     config = dataclasses.replace(config, modules_to_save=tuple(copies) or None)
     return config, [layers[k] for k in blocks], {k: blocks[k] for k in blocks}, biases, copies
 

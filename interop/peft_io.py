@@ -152,12 +152,7 @@ def save_pretrained(
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file.")
     if not safe_serialization:
         raise ValueError("miss-jax writes safetensors only (safe_serialization=True); it never writes pickles.")
-    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise ValueError(
-            f"dtype={jnp.dtype(dtype).name} cannot hold adapter weights (they would be rounded to integers, mostly "
-            "zeros); pass a floating dtype such as jnp.float32 (PEFT's default), jnp.bfloat16, or None to keep each "
-            "tensor's own."
-        )
+    folder_write.check_dtype(dtype)
     if isinstance(selected_adapters, str):
         selected_adapters = [selected_adapters]
     selected = list(model.peft_config) if selected_adapters is None else list(selected_adapters)

@@ -21,6 +21,7 @@ LeafRef(group='miss', adapter='default', module=('model', 'q_proj'), leaf='miss_
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -117,6 +118,52 @@ def check_saved_modules(specs: Iterable[AdapterSpec]) -> None:
                     f"{owner[clash]!r} and {spec.name!r} both save it. Activate them one at a time."
                 )
             owner[path] = spec.name
+
+
+def check_new_name(adapter_name: Any, existing: Collection[str]) -> None:
+    """ValueError unless `adapter_name` can name a new adapter of a model holding `existing` (Linen and NNX):
+    a non-empty string, not taken, not reserved, and usable as the folder `save_pretrained` writes it into
+    (no path separator, no leading '.', no NUL, at most 255 bytes)."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"Adapter names are non-empty strings, got {adapter_name!r}.")
+    if adapter_name in existing:
+        raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
+    if adapter_name.startswith(".") or os.sep in adapter_name or (os.altsep or os.sep) in adapter_name:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} cannot hold a path separator or start with '.': save_pretrained "
+            "writes each adapter into a sub-folder named after it."
+        )
+    if adapter_name in RESERVED_NAMES:
+        raise ValueError(f"Adapter name {adapter_name!r} is reserved; choose another name.")
+    if "\0" in adapter_name or len(adapter_name.encode()) > 255:
+        raise ValueError(
+            f"Adapter name {adapter_name[:40]!r}... cannot be a folder name (a NUL character, or over 255 bytes): "
+            "save_pretrained writes each adapter into a sub-folder named after it; choose a shorter name."
+        )
+
+
+class MergeStateError(ValueError):
+    """A merge (or activation) refused because the merged model would not compute what the unmerged one does."""
+
+
+def check_merge_state(
+    layers: Mapping[str, Mapping[str, str]], active: Sequence[str], merged: Sequence[str], action: str
+) -> None:
+    """ValueError, before `action` changes anything, when a layer would then hold merged adapters that change
+    what its unmerged active adapters compute (`ops.partial_merge_problem`; Linen and NNX).
+
+    `layers`: `{layer key: {adapter name: variant name}}` for the adapters on each layer; `active`: the active
+    adapters in activation order (empty while adapters are disabled); `merged`: the merged ones in merge order.
+    """
+    for key, variants in layers.items():
+        problem = ops.partial_merge_problem(variants, active, merged)
+        if problem:
+            together = [n for n in dict.fromkeys(list(merged) + list(active)) if n in variants]
+            raise MergeStateError(
+                f"{action} refused, the model is unchanged: at {key}, {problem}, so the merged model would not "
+                f"compute what the unmerged one does. Merge them together (merge_adapter({together!r})), or "
+                "unmerge_adapter() first, or leave the bat adapters inactive."
+            )
 
 
 def unknown_adapter(name: Any, names: Sequence[str]) -> ValueError:

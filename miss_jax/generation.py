@@ -9,14 +9,17 @@ encoder-decoder, goes through the MiSS interceptor (balance/mini) and the param 
 The whole generation is one `jax.jit` program. Its traced arguments are the params, the adapter
 params, `input_ids` and every array keyword (`attention_mask`, `prng_key`, `decoder_input_ids`,
 ...); the plan and the other keywords (`max_new_tokens`, `do_sample`, `num_beams`, ...) are static.
-Programs are cached per base model (held weakly), plan, static keywords and generation config, so a
-second call with the same shapes and options does not trace again.
+Programs are keyed on the model's configuration as it is now (`programs.model_key`), the plan, the
+static keywords, the generation config in effect (transformers' rule: `model.generation_config`, or one
+rebuilt from an edited `model.config`, `effective_generation_config`) and the input shapes; each model
+holds its most recent ones (`programs.ProgramCache`), freed with it, so a second call with the same
+shapes and options does not trace again.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
@@ -30,8 +33,7 @@ from .adapters import Plan
 PyTree = Any
 Statics = tuple[tuple[str, Any], ...]
 
-_PROGRAMS: "weakref.WeakKeyDictionary[Any, dict[tuple, Callable]]" = weakref.WeakKeyDictionary()
-_PROGRAMS_KEPT = 32  # per base model; the oldest program is dropped first
+_PROGRAMS = programs.ProgramCache(16)  # per base model; the least recently used program is dropped first
 
 
 def generate(
@@ -70,6 +72,7 @@ def generate(
     _check_can_generate(model)
     _check_kwargs(kwargs)
     input_ids = _as_ids(input_ids)
+    kwargs["generation_config"] = effective_generation_config(model, kwargs.get("generation_config"))
     _check_lengths(model, input_ids, kwargs)
     plan = peft_model.plan
     peft_model.require_weights(plan.applied)
@@ -80,7 +83,12 @@ def generate(
     adapter_params = peft_model.adapter_params if adapter_params is None else adapter_params
     if not trace:
         return _run(model, plan, statics + (("trace", False),), params, adapter_params, input_ids, arrays)
-    return _program(model, plan, statics)(params, adapter_params, input_ids, arrays)
+    key = (programs.model_key(model), plan, _key(statics), programs.shapes((input_ids, arrays)))
+
+    def build(current: Callable[[], Any]) -> Callable:
+        return jax.jit(lambda *args: _run(current(), plan, statics, *args))
+
+    return _PROGRAMS.get(model, key, build)(params, adapter_params, input_ids, arrays)
 
 
 # --------------------------------------------------------------------------- the program
@@ -94,18 +102,29 @@ def _run(model: Any, plan: Plan, statics: Statics, params: Mapping, adapter_para
     return linen.apply(plan, call, params, adapter_params, input_ids, **kwargs)
 
 
-def _program(model: Any, plan: Plan, statics: Statics) -> Callable:
-    """The jitted generation for (model, plan, statics, the model's generation config), cached.
-
-    The program holds the model weakly: the cache never keeps a model (and its params) alive."""
-    programs = _PROGRAMS.setdefault(model, {})
-    key = (plan, statics, model.generation_config.to_json_string(ignore_metadata=True))
-    if key not in programs:
-        if len(programs) >= _PROGRAMS_KEPT:
-            programs.pop(next(iter(programs)))
-        ref = weakref.ref(model)
-        programs[key] = jax.jit(lambda *args: _run(ref(), plan, statics, *args))
-    return programs[key]
+def effective_generation_config(model: Any, generation_config: Optional[Any] = None) -> Any:
+    """The generation config transformers' Flax `generate` uses (4.x): `generation_config` if given, else
+    `model.generation_config`, or, when that one was made from the model config and never edited, one made
+    again from `model.config` as it is now (transformers' legacy rule, with its warning: an edit of
+    `model.config.eos_token_id` or `max_length` takes effect; as transformers does, that one then becomes
+    `model.generation_config`). A copy is returned."""
+    if generation_config is not None:
+        return copy.deepcopy(generation_config)
+    current = model.generation_config
+    # transformers' own attributes for this rule (`FlaxGenerationMixin.generate`)
+    untouched = getattr(current, "_original_object_hash", None) == hash(current)
+    if getattr(current, "_from_model_config", False) and untouched:
+        rebuilt = type(current).from_model_config(model.config)
+        if rebuilt != current:
+            warnings.warn(
+                "You have modified the pretrained model configuration to control generation. This is a deprecated "
+                "strategy to control generation and will be removed soon, in a future version. Please use and modify "
+                "the model generation configuration (see "
+                "https://huggingface.co/docs/transformers/generation_strategies#default-text-generation-configuration )"
+            )
+            model.generation_config = rebuilt
+            return copy.deepcopy(rebuilt)
+    return copy.deepcopy(current)
 
 
 def _split(kwargs: Mapping[str, Any]) -> tuple[dict[str, PyTree], Statics]:
@@ -136,6 +155,12 @@ def _freeze(value: Any) -> Any:
         # miss_jax imports without transformers, which only transformers' own models bring)
         return copy.deepcopy(value)
     return value
+
+
+def _key(statics: Statics) -> Statics:
+    """`statics` with each GenerationConfig as its JSON (hashed once here, not at every look-up of the key)."""
+    return tuple((k, v.to_json_string(ignore_metadata=True) if type(v).__name__ == "GenerationConfig" else v)
+                 for k, v in statics)
 
 
 def _thaw(value: Any) -> Any:
@@ -210,7 +235,7 @@ def _check_lengths(model: Any, input_ids: jax.Array, kwargs: Mapping[str, Any]) 
 
 def _max_length(model: Any, prompt: int, kwargs: Mapping[str, Any]) -> int:
     """The `max_length` transformers' Flax `generate` will use (its own rules, transformers 4.x)."""
-    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config = copy.deepcopy(kwargs["generation_config"])
     config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
     if config.max_new_tokens is not None:  # `update` validated it (> 0)
         return prompt + config.max_new_tokens

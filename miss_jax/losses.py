@@ -140,6 +140,12 @@ def lm_head_inputs(name: str = "lm_head") -> Iterator[None]:
         yield
 
 
+def check_chunk_size(chunk_size: Any) -> None:
+    """ValueError unless `chunk_size` (rows per block of the chunked losses) is a positive int."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (rows per logits block), got {chunk_size!r}.")
+
+
 def chunked_cross_entropy(
     hidden: jax.Array,
     kernel: jax.Array,
@@ -162,6 +168,7 @@ def chunked_cross_entropy(
     them in the backward: a third `N x H x V` matmul); kernel and bias gradients are accumulated the same
     way, only when they are being differentiated.
     """
+    check_chunk_size(chunk_size)
     n, h = hidden.shape
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
@@ -290,6 +297,9 @@ class ChunkedCausalLMLoss:
     """
 
     chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)
 
     def __call__(self, outputs: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
         return chunked_causal_lm_loss(outputs, batch, self.chunk_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
@@ -143,24 +142,6 @@ class MissModel:
 
     # ------------------------------------------------------------------ adapters
 
-    def _check_new_name(self, adapter_name: Any) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"Adapter names are non-empty strings, got {adapter_name!r}.")
-        if adapter_name in self._specs:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
-        if adapter_name.startswith(".") or os.sep in adapter_name or (os.altsep or os.sep) in adapter_name:
-            raise ValueError(
-                f"Adapter name {adapter_name!r} cannot hold a path separator or start with '.': save_pretrained "
-                "writes each adapter into a sub-folder named after it."
-            )
-        if adapter_name in adapters.RESERVED_NAMES:
-            raise ValueError(f"Adapter name {adapter_name!r} is reserved; choose another name.")
-        if "\0" in adapter_name or len(adapter_name.encode()) > 255:
-            raise ValueError(
-                f"Adapter name {adapter_name[:40]!r}... cannot be a folder name (a NUL character, or over 255 bytes): "
-                "save_pretrained writes each adapter into a sub-folder named after it; choose a shorter name."
-            )
-
     def add_adapter(self, adapter_name: str, config: MissConfig, low_cpu_mem_usage: bool = False) -> None:
         """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`).
 
@@ -168,7 +149,7 @@ class MissModel:
         """
         if not isinstance(config, MissConfig):
             raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
-        self._check_new_name(adapter_name)
+        adapters.check_new_name(adapter_name, self._specs)
         adapters.check_bias_owner(type(self).__name__, self.peft_config, config)
         config = resolve_targets(config, self.layers, self.model_type)
         spec = adapters.make_spec(adapter_name, config, select(config, self.layers), self.params)
@@ -193,6 +174,8 @@ class MissModel:
         if len(set(names)) != len(names):
             raise ValueError(f"Adapter names repeat in {names}.")
         adapters.check_saved_modules(self._specs[n] for n in names)
+        if not self._disabled:
+            adapters.check_merge_state(self._layer_variants(), names, self.merged_adapters, "set_adapter")
         self.active_adapters = names
         self._frozen = (self._frozen | set(names)) if inference_mode else (self._frozen - set(names))
 
@@ -241,7 +224,15 @@ class MissModel:
         base weights), then that every merged kernel is finite; otherwise the model is left unmerged.
         Without it, an ill-conditioned bat adapter merges, and `unmerge_adapter` then refuses to write
         NaN into the base weights (or restores them with that conditioning's loss of precision).
+
+        A merge never changes what the model computes: one that would leave an active bat adapter unmerged on
+        a layer whose kernel then holds an additive adapter (bat(W + dW) instead of bat(W) + dW) is refused
+        (`adapters.MergeStateError`, naming the adapters to merge together).
         """
+        self._merge(adapter_names, safe_merge, check=True)
+
+    def _merge(self, adapter_names: Optional[Sequence[str]], safe_merge: bool, check: bool) -> None:
+        """`merge_adapter`; `check=False` skips `adapters.check_merge_state` (for `merge_and_unload`)."""
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for n in names:
             self._spec(n)
@@ -256,12 +247,24 @@ class MissModel:
             linen.check_mergeable(plan, self.adapter_params, todo)
         variants = {n: s.config.variant for n, s in self._specs.items()}
         undo, todo = ops.merge_schedule(variants, self.merged_adapters, todo)
+        merged = [n for n in self.merged_adapters if n not in undo] + list(todo)
+        if check:
+            adapters.check_merge_state(self._layer_variants(), [] if self._disabled else self.active_adapters,
+                                       merged, "merge_adapter")
         params = self._merged(self.params, undo, -1) if undo else self.params
         new = self._merged(params, todo, 1)
         if safe_merge:
             linen.check_finite(new, plan, todo)
         self.params = new
-        self.merged_adapters = [n for n in self.merged_adapters if n not in undo] + list(todo)
+        self.merged_adapters = merged
+
+    def _layer_variants(self) -> dict[str, dict[str, str]]:
+        """`{layer key: {adapter: variant}}` of the adapters on each layer (`adapters.check_merge_state`)."""
+        out: dict[str, dict[str, str]] = {}
+        for name, spec in self._specs.items():
+            for layer in spec.layers:
+                out.setdefault(layer.key, {})[name] = spec.config.variant
+        return out
 
     def unmerge_adapter(self) -> None:
         """Takes every merged adapter out of the base params (bat through the inverse of `I + B`).
@@ -301,11 +304,21 @@ class MissModel:
         `modules_to_save` copies of the active adapter and trained biases replace the base ones. With
         `return_params=True` it returns `(model, params)` and leaves `model.params` alone: the form for
         models made with `_do_init=False` (e.g. sharded ones), whose params live outside the model.
-        `progressbar` is accepted for PEFT's signature: the merge is one fused jit pass.
+        `progressbar` is accepted for PEFT's signature: the merge is one fused jit pass. `adapter_names` that
+        cannot stay merged beside the other active adapters (`merge_adapter`'s refusal) still give PEFT's
+        result, the base model with those adapters merged, and leave this model unmerged.
         """
         if not return_params:
             self._check_settable()
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        try:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        except adapters.MergeStateError:  # PEFT's result (the named adapters merged, the others dropped) ...
+            before = (self.params, self.merged_adapters)
+            self._merge(adapter_names, safe_merge, check=False)
+            try:
+                return self.unload(return_params=return_params)
+            finally:  # ... while this model, which could not stay so merged, is left as it was
+                self.params, self.merged_adapters = before
         return self.unload(return_params=return_params)
 
     def unload(self, return_params: bool = False) -> Any:
@@ -358,8 +371,16 @@ class MissModel:
         the adapter pytree (`{"miss": {adapter: ...}, "modules_to_save": ..., "bias": ...}`).
 
         Every leaf must already exist in the adapter pytree, with the same shape and dtype; otherwise
-        ValueError names the leaf and the model is unchanged.
+        ValueError names the leaf and the model is unchanged (`check_update`).
         """
+        self.check_update(trainable)
+        current = tree.flatten(self.adapter_params)
+        current.update({path: jnp.asarray(v) for path, v in tree.flatten(trainable).items()})
+        self.adapter_params = {**adapters.empty(), **tree.unflatten(current)}
+
+    def check_update(self, trainable: Mapping) -> None:
+        """ValueError, naming each leaf, unless `update_params(trainable)` would be accepted: a train step checks
+        its state with it before the call that donates the state."""
         current = tree.flatten(self.adapter_params)
         new = tree.flatten(trainable)
         problems = []
@@ -376,8 +397,6 @@ class MissModel:
                 )
         if problems:
             raise ValueError("update_params refused, the model is unchanged: " + "; ".join(problems) + ".")
-        current.update({path: jnp.asarray(v) for path, v in new.items()})
-        self.adapter_params = {**adapters.empty(), **tree.unflatten(current)}
 
     def place(self, params: Mapping, adapter_params: Mapping) -> None:
         """Replaces the base params and the whole adapter pytree by copies placed elsewhere (e.g. sharded over
@@ -430,7 +449,8 @@ class MissModel:
         """The pure forward `f(params, adapter_params, *args, **model_kwargs)` for `plan` (default: now's), run
         with the `forward_options` of this moment (gradient checkpointing, attention implementation).
 
-        Not jitted, so it composes with `jax.grad`/`jax.jit`/`shard_map` in user code; `adapter_params`
+        Not jitted, so it composes with `jax.grad`/`jax.jit`/`shard_map` in user code (a jit of yours reads the
+        model's config when it traces: after an edit of `peft_model.config`, jit a new function); `adapter_params`
         may be the full pytree or `trainable_params()`.
         """
         plan = plan or self.plan

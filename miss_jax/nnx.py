@@ -268,6 +268,7 @@ class MissLinear(nnx.Module):
         undo, order = ops.merge_schedule(self.variants, self.merged_adapters, names)
         if not order:
             return
+        self.check_merge_state(self.active_adapters, self.merged_after(names), "merge")
         if safe_merge:
             problem = self.merge_problem(order)
             if problem:
@@ -276,6 +277,19 @@ class MissLinear(nnx.Module):
             self.unmerge()
         self.kernel.set_value(self.adapted_kernel(order))
         self.merged_adapters = self.merged_adapters + order
+
+    def merged_after(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The adapters merged here, in merge order, once `names` are merged too (`ops.merge_schedule`)."""
+        names = [n for n in names if n in self.variants]
+        undo, order = ops.merge_schedule(self.variants, self.merged_adapters, names)
+        return tuple(n for n in self.merged_adapters if n not in undo) + order
+
+    def check_merge_state(
+        self, active: Sequence[str], merged: Sequence[str], action: str, key: str = "this layer"
+    ) -> None:
+        """ValueError when this layer, with `active` adapters and `merged` ones merged, would not compute what
+        it computes unmerged (`adapters.check_merge_state`)."""
+        adapters.check_merge_state({key: self.variants}, () if self.disabled else active, merged, action)
 
     def unmerge(self) -> None:
         """Takes every merged adapter back out of the kernel, last merged first (exact inverse, up to
@@ -567,11 +581,9 @@ class MissNnxModel(nnx.Module):
     # ------------------------------------------------------------------ adapters
 
     def check_new_name(self, adapter_name: Any) -> None:
-        """ValueError unless `adapter_name` can name a new adapter (and its PEFT sub-folder)."""
-        if not isinstance(adapter_name, str) or not adapter_name or adapter_name.startswith(".") or "/" in adapter_name:
-            raise ValueError(f"Adapter names are non-empty strings with no '/' or leading '.', got {adapter_name!r}.")
-        if adapter_name in self.adapters:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
+        """ValueError unless `adapter_name` can name a new adapter (and its PEFT sub-folder):
+        `adapters.check_new_name`, the Linen model's rule."""
+        adapters.check_new_name(adapter_name, self.adapters)
 
     def add_adapter(
         self,
@@ -665,6 +677,8 @@ class MissNnxModel(nnx.Module):
         names = self._names(adapter_name)
         saved = {n: tuple(tuple(k.split(".")) for k in self.adapters[n].saved) for n in names}  # keys as paths
         adapters.check_saved_modules(adapters.AdapterSpec(n, self.adapters[n].config, (), saved[n]) for n in names)
+        for key, layer in miss_layers(self.base_model).items():
+            layer.check_merge_state(names, layer.merged_adapters, "set_adapter", key)
         self.active_adapters = tuple(names)
         self._set_trainable(names, not inference_mode)
         self._sync()
@@ -753,6 +767,8 @@ class MissNnxModel(nnx.Module):
             if n not in self.adapters:
                 raise adapters.unknown_adapter(n, list(self.adapters))
         layers = miss_layers(self.base_model)
+        for key, layer in layers.items():  # every layer first: refused, nothing is merged
+            layer.check_merge_state(layer.active_adapters, layer.merged_after(names), "merge_adapter", key)
         if safe_merge:
             for key, layer in layers.items():
                 problem = layer.merge_problem([n for n in names if n in layer.variants and n not in layer.merged_adapters])
@@ -775,7 +791,18 @@ class MissNnxModel(nnx.Module):
     def trainable_paths(self) -> frozenset[GraphPath]:
         """Graph paths (from this model) of the variables a train step updates: the active adapters' blocks,
         their module copies, and the trained biases (the bias of an adapted layer sits in its `base_layer`);
-        none of a frozen adapter's (`frozen_adapters`), none while adapters are disabled."""
+        none of a frozen adapter's (`frozen_adapters`), none while adapters are disabled. Refused while an
+        adapter is merged (as the Linen model's `trainable_params`)."""
+        merged = self.merged_adapters
+        if merged:
+            raise ValueError(
+                f"Adapters {list(merged)} are merged; call unmerge_adapter() before training (a merged block gets no "
+                "gradient, but an optimizer's weight decay would still move it, and unmerging would then corrupt the "
+                "base kernel)."
+            )
+        return self._trainable_paths()
+
+    def _trainable_paths(self) -> frozenset[GraphPath]:
         if self.disabled:
             return frozenset()
         modules = {key_of(p): p for p in _modules(self.base_model)}
@@ -798,18 +825,32 @@ class MissNnxModel(nnx.Module):
 
     @property
     def trainable(self) -> Callable[[Any, Any], bool]:
-        """The filter of the trainable variables (`wrt=` of `nnx.Optimizer`, `nnx.DiffState`)."""
-        paths = self.trainable_paths()
+        """The filter of the trainable variables (`wrt=` of `nnx.Optimizer`, `nnx.DiffState`). Refused while an
+        adapter is merged; a filter taken before a merge refuses each block of a layer merged since (a train
+        step traced after the merge, an optimizer update)."""
+        return self._filter(self.trainable_paths(), check_merged=True)
+
+    def _filter(self, paths: frozenset[GraphPath], check_merged: bool) -> Callable[[Any, Any], bool]:
+        layers = {("base_model",) + p: node for p, node in _modules(self.base_model).items()
+                  if isinstance(node, MissLinear)} if check_merged else {}
 
         def is_trainable(path: Any, value: Any) -> bool:
             path = tuple(path)
-            return isinstance(value, nnx.Param) and any(path[: len(p)] == p for p in paths)
+            if not isinstance(value, nnx.Param) or not any(path[: len(p)] == p for p in paths):
+                return False
+            layer = layers.get(path[:-2]) if len(path) > 2 and path[-2] == "miss_block" else None
+            if layer is not None and path[-1] in layer.merged_adapters:
+                raise ValueError(
+                    f"Adapter {path[-1]!r} was merged at {key_of(path[1:-2])} after this trainable filter was taken; "
+                    "call unmerge_adapter() before training."
+                )
+            return True
 
         return is_trainable
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all): all counts the base params plus every adapter's blocks and module copies."""
-        trainable = self.trainable
+        trainable = self._filter(self._trainable_paths(), check_merged=False)  # merged blocks count, as PEFT's
         flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
         sizes = [(path, var, int(math.prod(var.shape))) for path, var in flat]
         return sum(s for p, v, s in sizes if trainable(p, v)), sum(s for _, _, s in sizes)

@@ -448,6 +448,38 @@ def merge_schedule(
     return merged, order
 
 
+def partial_merge_problem(
+    variants: Mapping[str, str], active: Sequence[str], merged: Sequence[str]
+) -> Optional[str]:
+    """Why a layer whose kernel holds `merged` (in merge order) while its forward applies the `active` adapters
+    not in it would not compute what the unmerged layer computes, or None.
+
+    The forward applies the unmerged kernel-transforming (bat) adapters to the kernel it holds: with an
+    additive adapter merged in, that is bat(W + dW), not the unmerged bat(W) + dW; with a bat adapter merged
+    that the activation order applies after them, the two kernel transforms swap. Additive adapters left
+    unmerged are always exact (their term does not read the kernel).
+
+    >>> partial_merge_problem({"a": "balance", "b": "bat"}, ["a", "b"], ["a"]) is not None
+    True
+    >>> partial_merge_problem({"a": "bat", "b": "balance"}, ["a", "b"], ["a"]) is None
+    True
+    """
+    merged = [n for n in merged if n in variants]
+    bats = [n for n in active if n not in merged and n in variants and not variant(variants[n]).additive]
+    if not bats or not merged:
+        return None
+    added = [n for n in merged if variant(variants[n]).additive]
+    if added:
+        return (f"the unmerged bat adapters {bats} would transform a kernel that holds the merged additive adapters "
+                f"{added} (bat(W + dW) instead of bat(W) + dW)")
+    first = min(list(active).index(n) for n in bats)
+    late = [n for n in merged if n in active and list(active).index(n) > first]
+    if late:
+        return (f"the merged bat adapters {late} would apply before the unmerged {bats}, which come first in "
+                f"{list(active)}")
+    return None
+
+
 def variant(name: str) -> Variant:
     """The `Variant` called `name` ('balance', 'mini' or 'bat')."""
     try:

@@ -1,7 +1,11 @@
-"""The compiled programs behind `MissModel`, cached per model configuration: the forward (and how it runs,
-`ForwardOptions`) and the merge. Two models of one configuration share every program.
+"""The compiled programs behind `MissModel`: the forward (and how it runs, `ForwardOptions`), generation
+(`miss_jax.generation`) and the merge.
 
-A configuration is `model_key(model)`: class, module attributes (config, dtype, ...) and input shape.
+A program is keyed on everything that changes what it computes: `model_key(model)`, read at every call
+(class, module attributes, input shape and a snapshot of the config as it is *now*, so an edit such as
+`config.output_hidden_states = True` or `config.rms_norm_eps = ...` gives a program of its own), the plan,
+the static arguments, the options and the shapes of the inputs. Programs are held per model in a bounded
+LRU (`ProgramCache`), freed with the model; two models with equal keys share a program.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import itertools
+import json
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -24,24 +28,41 @@ from .tree import Path
 
 ModelKey = tuple
 
-_KEYS: "weakref.WeakKeyDictionary[Any, ModelKey]" = weakref.WeakKeyDictionary()
-_MODELS: "weakref.WeakValueDictionary[ModelKey, Any]" = weakref.WeakValueDictionary()
-_UNIQUE = itertools.count()
+_STATIC_KEYS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 _LAYERS: dict[ModelKey, dict[str, Layer]] = {}
 _LAYERS_KEPT = 16
 
 
+def config_snapshot(config: Any) -> str:
+    """A string equal for two configs with equal public attributes (nested configs and dicts included), taken
+    now: a later edit of the config gives another snapshot. Private attributes (`_name_or_path`, ...) are left
+    out: they do not change what a model computes."""
+    if config is None:
+        return ""
+    public = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    try:
+        return json.dumps(public, sort_keys=True, default=_plain)
+    except (TypeError, ValueError):  # keys of mixed types, which cannot be sorted: insertion order
+        return repr(sorted((k, repr(v)) for k, v in public.items()))
+
+
+def _plain(value: Any) -> Any:
+    """A JSON stand-in for a value json cannot write: a nested config's dict, else the value's repr."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else repr(value)
+
+
 def model_key(model: Any) -> ModelKey:
-    """A hashable key equal for two transformers Flax models that compute the same function of their params:
-    class, module attributes (config, dtype, ...) and input shape. A model whose config has no JSON repr
-    (e.g. a NumPy scalar in it) gets a key of its own."""
-    if model not in _KEYS:
-        try:  # the module's repr holds its config as JSON, which a config with non-JSON values cannot give
-            key = (type(model), repr(getattr(model, "module", None)), tuple(getattr(model, "input_shape", ())))
-        except (TypeError, ValueError):
-            key = (type(model), "instance", next(_UNIQUE))
-        _KEYS[model] = key
-    return _KEYS[model]
+    """A hashable key equal for two transformers Flax models that compute the same function of their params,
+    read now: class, the module's attributes other than its config (dtype, ...) and input shape (fixed at
+    construction, cached per model), and `config_snapshot(model.config)` (read at every call)."""
+    if model not in _STATIC_KEYS:
+        module = getattr(model, "module", None)
+        fields = dataclasses.fields(module) if dataclasses.is_dataclass(module) else ()
+        attributes = repr(sorted((f.name, repr(getattr(module, f.name, None))) for f in fields
+                                 if f.name not in ("config", "parent", "name")))
+        _STATIC_KEYS[model] = (type(model), type(module), attributes, tuple(getattr(model, "input_shape", ())))
+    return _STATIC_KEYS[model] + (config_snapshot(getattr(model, "config", None)),)
 
 
 def model_layers(model: Any) -> dict[str, Layer]:
@@ -53,6 +74,69 @@ def model_layers(model: Any) -> dict[str, Layer]:
             _LAYERS.pop(next(iter(_LAYERS)))
         _LAYERS[key] = discover(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
     return dict(_LAYERS[key])
+
+
+def shapes(arrays: Any) -> tuple:
+    """The structure, shapes and dtypes of a pytree of arrays (part of a program's key: one program per shape)."""
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+    return (treedef, tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)))
+                           for x in leaves))
+
+
+class _Program:
+    """One jitted program and the model it traces with (`slot[0]`, a weak reference set before each call:
+    any model of the program's key computes the same function)."""
+
+    def __init__(self, build: Callable[[Callable[[], Any]], Callable]) -> None:
+        slot: list = [None]
+        self.slot = slot
+        self.fn = build(lambda: slot[0]())
+
+
+class ProgramCache:
+    """Jitted programs held per model: each model keeps its `kept` most recently used (an LRU), and a program
+    lives as long as a model holding it (the cache never keeps a model, its params or its programs alive).
+    Models with equal keys share one program (`trace_count` counts its traces).
+
+    `get(model, key, build)` returns the program for `key` (which must include `model_key(model)`): the one
+    cached, or `build(current_model)`, where `current_model()` is the model to trace with.
+    """
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+        self._held: "weakref.WeakKeyDictionary[Any, collections.OrderedDict[tuple, _Program]]" = (
+            weakref.WeakKeyDictionary())
+        self._shared: "weakref.WeakValueDictionary[tuple, _Program]" = weakref.WeakValueDictionary()
+
+    def get(self, model: Any, key: tuple, build: Callable[[Callable[[], Any]], Callable]) -> Callable:
+        held = self._held.setdefault(model, collections.OrderedDict())
+        program = held.get(key)
+        if program is None:
+            program = self._shared.get(key)
+            if program is None:
+                program = _Program(build)
+                self._shared[key] = program
+            held[key] = program
+            while len(held) > self.kept:
+                held.popitem(last=False)
+        held.move_to_end(key)
+        program.slot[0] = weakref.ref(model)
+        return program.fn
+
+    def count(self, model: Optional[Any] = None) -> int:
+        """Programs held by `model` (default: distinct programs held by any live model)."""
+        if model is not None:
+            return len(self._held.get(model, ()))
+        return len(self._shared)
+
+
+PROGRAMS_KEPT = 16  # forward programs each model keeps (one per key and input shapes)
+_FORWARDS = ProgramCache(PROGRAMS_KEPT)
+
+
+def cached_programs(model: Optional[Any] = None) -> int:
+    """How many compiled forward programs `model` holds (default: all live models together)."""
+    return _FORWARDS.count(model)
 
 
 def dropout_flags(input_names: Sequence[str], rng: jax.Array) -> dict[str, Any]:
@@ -137,14 +221,6 @@ def trace_count(plan: Plan) -> int:
     return _TRACES[plan]
 
 
-def _forward(params: Mapping, adapter_params: Mapping, traced: dict, *, key: ModelKey, plan: Plan, statics: tuple,
-             options: ForwardOptions):
-    return run(_MODELS[key], plan, params, adapter_params, {**traced, **dict(statics)}, options)
-
-
-_FORWARD = jax.jit(_forward, static_argnames=("key", "plan", "statics", "options"))
-
-
 def forward(
     model: Any,
     plan: Plan,
@@ -154,13 +230,16 @@ def forward(
     options: ForwardOptions = ForwardOptions(),
 ) -> Any:
     """`run`, jitted: arrays and pytrees of `kwargs` (e.g. `past_key_values`) are traced, Python scalars and
-    None static. One program per (model configuration, plan, static arguments, options, shapes): models of
-    one configuration share it."""
-    key = model_key(model)
-    _MODELS[key] = model  # the model the program calls when it is traced (any of this configuration)
+    None static. One program per (`model_key` now, plan, static arguments, options, input shapes), held by the
+    model (`ProgramCache`): models of one configuration share it."""
     statics = tuple(sorted((k, v) for k, v in kwargs.items() if _is_static(v)))
     traced = {k: v for k, v in kwargs.items() if not _is_static(v)}
-    return _FORWARD(params, adapter_params, traced, key=key, plan=plan, statics=statics, options=options)
+    key = (model_key(model), plan, statics, options, shapes(traced))
+
+    def build(current: Callable[[], Any]) -> Callable:
+        return jax.jit(lambda p, a, t: run(current(), plan, p, a, {**t, **dict(statics)}, options))
+
+    return _FORWARDS.get(model, key, build)(params, adapter_params, traced)
 
 
 def _is_static(value: Any) -> bool:

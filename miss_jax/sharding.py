@@ -346,4 +346,5 @@ def make_sharded_train_step(
         out_shardings=(state_sh, replicated),
         donate_argnums=(1,) if donate else (),
     )
-    return train.model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan)
+    return train.model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan,
+                            donated=1 if donate else None)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import adapters, tree
+from . import adapters, programs, tree
 from .losses import LossFn, causal_lm_loss, classification_loss, cross_entropy
 
 if TYPE_CHECKING:
@@ -53,14 +53,16 @@ class TrainState:
 def create_train_state(peft_model: "MissModel", tx: optax.GradientTransformation) -> TrainState:
     """A fresh state for `peft_model.trainable_params()`.
 
-    The leaves are copied: the step donates the state, and must never free buffers the model (or,
-    for `modules_to_save`, the base params) still holds.
+    The leaves are copies (`init_train_state`).
     """
-    return init_train_state(tx, jax.tree_util.tree_map(lambda a: a.copy(), peft_model.trainable_params()))
+    return init_train_state(tx, peft_model.trainable_params())
 
 
 def init_train_state(tx: optax.GradientTransformation, trainable: PyTree) -> TrainState:
-    """A step-0 `TrainState` over `trainable` as given (pure: jit it with `out_shardings` to create it sharded)."""
+    """A step-0 `TrainState` over copies of `trainable` (pure: jit it with `out_shardings` to create it
+    sharded). Copies: a step donates its state, and must never free buffers the model still holds (its
+    adapter arrays, or for `modules_to_save` the base params the copies start as)."""
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
 
@@ -159,6 +161,11 @@ def micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
     """Every array `(B, ...)` of `batch` as `(k, B // k, ...)`, example `i` in micro-batch `i % k`."""
     out = {}
     for name, x in batch.items():
+        if not hasattr(x, "shape"):
+            raise ValueError(
+                f"Batch entry {name!r} is a {type(x).__name__}, not an array: pass arrays (e.g. jnp.asarray(...) of "
+                "it) with the examples on the first axis."
+            )
         n = x.shape[0] if getattr(x, "ndim", 0) else 0
         if n % k or not n:
             raise ValueError(
@@ -194,7 +201,8 @@ def make_train_step(
     plan = plan or peft_model.plan
     fn = train_step_fn(peft_model, tx, loss_fn, plan, accum_steps)
     jitted = jax.jit(fn, donate_argnums=(1,) if donate else ())
-    return model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan)
+    return model_step(jitted, peft_model, plan.active, update_model=update_model, plan=plan,
+                      donated=1 if donate else None)
 
 
 def make_eval_step(peft_model: "MissModel", loss_fn: LossFn) -> Callable[..., jax.Array]:
@@ -212,21 +220,41 @@ def _frozen(peft_model: "MissModel", plan: "Plan") -> tuple[str, ...]:
 
 def model_step(
     jitted: Any, peft_model: "MissModel", names: tuple[str, ...], update_model: bool = False,
-    plan: Optional["Plan"] = None,
+    plan: Optional["Plan"] = None, donated: Optional[int] = None,
 ) -> Callable[..., Any]:
-    """`jitted` as a step of `peft_model`: each call is refused while one of the adapters `names` (which the
-    step applies itself) is merged into the model's params (called with those params it would apply them
-    twice). With `update_model`, `jitted` returns `(state, ...)` and the model takes `state.trainable`
-    right after the call (`peft_model.update_params`, by reference: its previous arrays, the donated
-    inputs of the next call, are replaced at once). `plan`: a train step's plan (`train_step_fn`'s); each
-    call is refused once an adapter it trains was frozen or unfrozen after the step was built (the step
-    keeps the frozen adapters of that moment). `.lower` is kept."""
+    """`jitted` as a step of `peft_model`. Every check runs before the call, so that nothing is refused after
+    the donated state is gone:
+
+    * refused while one of the adapters `names` (which the step applies itself) is merged into the model's
+      params (called with those params it would apply them twice), once one was deleted or replaced (a new
+      adapter of the same name), or once the wrapped model's config was edited (`programs.model_key`: the
+      step was traced with the old one);
+    * `plan`: a train step's plan (`train_step_fn`'s); refused once an adapter it trains was frozen or
+      unfrozen after the step was built (the step keeps the frozen adapters of that moment);
+    * `update_model`: `jitted` returns `(state, ...)` and the model takes `state.trainable` right after the
+      call (`peft_model.update_params`, by reference: its previous arrays, the donated inputs of the next
+      call, are replaced at once); the input state's `trainable` is checked to fit first;
+    * `donated`: the position of the argument `jitted` donates. Its leaves that the model holds and keeps
+      (base params, e.g. the buffer a `modules_to_save` copy starts as; adapter arrays the write-back does
+      not replace) are copied before the call, so a donation never deletes the model's own arrays.
+
+    `.lower` is kept."""
     frozen = None if plan is None else _frozen(peft_model, plan)
+    configs = {n: peft_model.peft_config[n] for n in names}
+    built_for = programs.model_key(peft_model.base_model)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        gone = [n for n in names if n not in peft_model.peft_config]
-        if gone:  # checked before the call: a write-back refused after it would leave the donated state lost
-            raise ValueError(f"Adapters {gone} were deleted after this step was built; build a new step.")
+        changed = [n for n in names if peft_model.peft_config.get(n) != configs[n]]
+        if changed:
+            raise ValueError(
+                f"Adapters {changed} were deleted (or deleted and added again) after this step was built; build a "
+                "new step and train state for the adapters the model has now."
+            )
+        if programs.model_key(peft_model.base_model) != built_for:
+            raise ValueError(
+                "The wrapped model's config was edited after this step was built, and the step computes with the "
+                "config it was built with: build a new step."
+            )
         merged = [n for n in names if n in peft_model.merged_adapters]
         if merged:
             raise ValueError(
@@ -240,6 +268,11 @@ def model_step(
                 f"{list(_frozen(peft_model, plan))} frozen: build a new step (and train state) for the adapters "
                 "to train now."
             )
+        state = args[1] if len(args) > 1 else kwargs.get("state")
+        if update_model and state is not None:
+            peft_model.check_update(state.trainable)
+        if donated is not None and len(args) > donated:
+            args = args[:donated] + (_own_copies(peft_model, args[donated], update_model),) + args[donated + 1:]
         out = jitted(*args, **kwargs)
         if update_model:
             peft_model.update_params(out[0].trainable)
@@ -247,6 +280,18 @@ def model_step(
 
     call.lower = jitted.lower  # type: ignore[attr-defined]
     return call
+
+
+def _own_copies(peft_model: "MissModel", donated: PyTree, update_model: bool) -> PyTree:
+    """`donated` with a copy in place of each leaf the model holds and keeps after the call: its base params,
+    and its adapter arrays except those the write-back (`update_model`: `donated.trainable`) replaces."""
+    adapter = tree.flatten(peft_model.adapter_params)
+    replaced = set(tree.flatten(donated.trainable)) if update_model else set()
+    kept = {id(v) for v in jax.tree_util.tree_leaves(peft_model.params)}
+    kept |= {id(v) for path, v in adapter.items() if path not in replaced}
+    if not any(id(x) in kept for x in jax.tree_util.tree_leaves(donated)):
+        return donated
+    return jax.tree_util.tree_map(lambda x: jnp.copy(x) if id(x) in kept else x, donated)
 
 
 # --------------------------------------------------------------------------- orbax checkpoints

@@ -228,7 +228,7 @@ def test_merge_and_unload_returns_plain_flax_model() -> None:
     merged = model.merge_and_unload(safe_merge=True, adapter_names=["a"])
     assert type(merged) is type(tm.flax_model("llama")) and not isinstance(merged, MissModel)
     np.testing.assert_allclose(logits(merged(**X)), only_a, atol=1e-5)
-    model.unmerge_adapter()
+    assert model.merged_adapters == []  # "a" alone cannot stay merged under the active bat adapter "c"
     merged = model.merge_and_unload()
     np.testing.assert_allclose(logits(merged(**X)), adapted, atol=1e-5)
 
@@ -380,14 +380,17 @@ def test_merge_and_unload_of_a_do_init_false_model_returns_params():
 
 def test_bat_merged_after_balance_on_the_same_layer_still_equals_the_unmerged_forward():
     """Merging balance, then (in a later call) bat on the same layers redoes the merge in merge order,
-    so merged == unmerged; disable_adapter restores exactly that state."""
+    so merged == unmerged; disable_adapter restores exactly that state. (Balance alone cannot be merged while
+    bat is active and unmerged on its layers: see tests/test_hostile_review.py.)"""
     pm = get_peft_model(tm.flax_model("llama"), MissConfig(r=4, init_weights=False, target_modules=["q_proj"]), "bal")
     pm.add_adapter("bat", MissConfig(r=4, init_weights="bat", target_modules=["q_proj"]))
     pm.adapter_params["miss"]["bat"] = jax.tree_util.tree_map(lambda b: b + 0.05, pm.adapter_params["miss"]["bat"])
     pm.set_adapter(["bal", "bat"])
     unmerged = np.asarray(pm(**tm.inputs("llama")).logits)
+    pm.set_adapter(["bal"])
     pm.merge_adapter(["bal"])
     pm.merge_adapter(["bat"])
+    pm.set_adapter(["bal", "bat"])
     assert pm.merged_adapters == ["bat", "bal"]
     np.testing.assert_allclose(np.asarray(pm(**tm.inputs("llama")).logits), unmerged, atol=1e-5)
     before = jax.tree_util.tree_map(np.asarray, pm.params)
@@ -447,10 +450,10 @@ def test_layers_are_traced_once_per_model_configuration(monkeypatch: pytest.Monk
     assert len(traced) == 2
     assert len(deeper.plan.spec("default").layers) == len(first.plan.spec("default").layers) + 2
     odd_config = tm.config("llama")
-    odd_config.note = np.float32(1.0)  # not JSON: the module has no repr to key on, so no cache
+    odd_config.note = np.float32(1.0)  # not JSON: the snapshot keys it by its repr, still shared
     odd = get_peft_model(cls(odd_config, seed=0), config)
     odd_again = get_peft_model(cls(odd_config, seed=1), config)
-    assert len(traced) == 4 and odd.layers == odd_again.layers
+    assert len(traced) == 3 and odd.layers == odd_again.layers
 
 
 def test_identical_models_share_the_compiled_forward_and_merge() -> None:

@@ -144,12 +144,15 @@ def test_bad_exports_raise(llama, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="should be a directory"):
         save_lora(llama, str(tmp_path / "file"), "balance")
+    active = list(llama.active_adapters)
+    llama.set_adapter("balance")  # merging it under the active, unmerged bat adapter would be refused
     llama.merge_adapter(["balance"])
     try:
         with pytest.raises(ValueError, match="unmerge_adapter"):
             lora_state_dict(llama, "balance")
     finally:
         llama.unmerge_adapter()
+        llama.set_adapter(active)
 
 
 def test_save_pretrained_as_lora_writes_every_adapter_in_peft_layout(llama, tmp_path):

@@ -289,8 +289,10 @@ def test_merging_in_two_calls_equals_the_unmerged_forward(framework: str) -> Non
         run = lambda: np.asarray(pm(x))  # noqa: E731
     pm.set_adapter(["a", "b"])
     unmerged = run()
+    pm.set_adapter(["a"])  # balance alone cannot be merged under an active unmerged bat (test_hostile_review.py)
     pm.merge_adapter(["a"])
     pm.merge_adapter(["b"])
+    pm.set_adapter(["a", "b"])
     np.testing.assert_allclose(run(), unmerged, atol=1e-5)
     pm.unmerge_adapter()
     np.testing.assert_allclose(run(), unmerged, atol=1e-5)
