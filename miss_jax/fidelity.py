@@ -1,6 +1,6 @@
 """Fidelity: the transformers Flax model computes what the PyTorch model of the same config computes, or is refused.
 
-transformers 4.x's Flax code ignores some config fields its PyTorch twin honours (docs/DESIGN.md §8 has the
+transformers 4.x's Flax code ignores some config fields its PyTorch twin honours (docs/DESIGN.md §6 has the
 audit table). Wrapping a model (`MissModel`, so `get_peft_model` and `MissModel.from_pretrained`) calls
 `make_faithful`, which, for the families it knows:
   * **RoPE** (Llama, Mistral, Gemma): the Flax rotary embedding hard-codes `rope_theta=10000` and no
@@ -72,9 +72,25 @@ def refuse(config: Any, field: str, problem: str, fix: str) -> UnfaithfulConfig:
     )
 
 
+# (families, field, is it set to a value the Flax code does not compute?, what PyTorch does with it, the fix)
+REFUSALS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool], str, str], ...] = (
+    (("llama",), "mlp_bias", bool, "adds biases to gate/up/down_proj, which the Flax MLP has no params for",
+     "Use the PyTorch model (miss-jax cannot add the MLP biases)."),
+    (tuple(ROTARY_MODULES), "partial_rotary_factor", lambda v: v not in (None, 1.0), "rotates part of each head only",
+     "Use the PyTorch model."),
+    (("bert", "roberta"), "position_embedding_type", lambda v: v not in (None, "absolute"),
+     "adds relative position embeddings to the attention scores, which the Flax attention does not have",
+     "Use a checkpoint with position_embedding_type='absolute', or the PyTorch model."),
+)
+
+
 def audit(config: Any) -> Fixes:
     """The fixes a model of `config` needs; raises `UnfaithfulConfig` for a field that cannot be honoured."""
     family = getattr(config, "model_type", None)
+    for families, field, unsupported, problem, fix in REFUSALS:
+        value = getattr(config, field, None)
+        if family in families and unsupported(value):
+            raise refuse(config, f"{field}={value!r}", problem, fix)
     if family not in ROTARY_MODULES:
         return Fixes()
     heads = config.num_attention_heads
@@ -83,12 +99,6 @@ def audit(config: Any) -> Fixes:
         raise refuse(config, f"head_dim={head_dim}", f"differs from hidden_size // num_attention_heads = "
                      f"{config.hidden_size // heads} (the Flax code's head size)",
                      "Use the PyTorch model, or a checkpoint with head_dim * num_attention_heads == hidden_size.")
-    if getattr(config, "mlp_bias", False):
-        raise refuse(config, "mlp_bias=True", "adds biases to gate/up/down_proj that the Flax MLP has no params for",
-                     "Use the PyTorch model (miss-jax cannot add the MLP biases).")
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise refuse(config, f"partial_rotary_factor={config.partial_rotary_factor}", "rotates part of each head",
-                     "Use the PyTorch model.")
     kind = rope_type(config)
     if kind not in ROPE_TYPES:
         raise refuse(config, f"rope_scaling type {kind!r}", "switches frequencies with the sequence length",
