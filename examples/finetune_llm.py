@@ -237,9 +237,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     adapter_dir, lora_dir = os.path.join(args.output_dir, "adapter"), os.path.join(args.output_dir, "lora")
     model.save_pretrained(adapter_dir)
     model.save_pretrained(lora_dir, as_lora=True)
-    served = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder), adapter_dir).eval()
+    def torch_base() -> Any:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+    served = peft.PeftModel.from_pretrained(torch_base(), adapter_dir).eval()
     served_tokens, torch_gen_s = torch_generate(served, prompts, args.new_tokens, pad)
-    lora = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder), lora_dir).eval()
+    lora = peft.PeftModel.from_pretrained(torch_base(), lora_dir).eval()
     lora_tokens, _ = torch_generate(lora, prompts, args.new_tokens, pad)
 
     n_new = len(test_rows) * args.new_tokens
@@ -258,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "lora_tokens_equal_jax": bool((lora_tokens == jax_tokens).all()),
         "generation_tokens_per_s": {"jax": n_new / jax_gen_s, "torch": n_new / torch_gen_s},
         "timings_s": timings,
-        "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}",
+        "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
+                   f"torch {torch.__version__}",
         "loss_curves": {"miss_jax": jax_curve, "peft_torch": torch_curve},
     }
     plot(os.path.join(args.output_dir, "losses.png"), {"MiSS in JAX": jax_curve, "PEFT MiSS on PyTorch": torch_curve})

@@ -21,16 +21,16 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
 """
 
 from . import (
-    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, sharding, status,
-    targeting, train, tree,
+    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, sharding,
+    status, targeting, train, tree,
 )
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .model import MissModel, get_peft_model
 
 __all__ = [
-    "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation", "get_peft_model",
-    "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "sharding", "status", "targeting", "train",
-    "tree",
+    "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation",
+    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "sharding", "status",
+    "targeting", "train", "tree",
 ]
 __version__ = "0.1.0"

@@ -249,4 +249,4 @@ def tie_lm_head(params: Mapping) -> dict:
     """`params` with `lm_head.kernel` `(hidden, vocab)` set to `model.embed_tokens.embedding` `(vocab, hidden)`
     transposed (PyTorch's tied output embedding), in the embedding's dtype."""
     embedding = params["model"]["embed_tokens"]["embedding"]
-    return {**params, "lm_head": {**params["lm_head"], "kernel": jnp.asarray(embedding).T}}
+    return {**params, "lm_head": {**params.get("lm_head", {}), "kernel": jnp.asarray(embedding).T}}

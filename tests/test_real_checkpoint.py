@@ -36,8 +36,8 @@ def tokenizer() -> transformers.PreTrainedTokenizerBase:
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> np.ndarray:
     """Two chat-template prompts, left-padded to one length `(2, T)` int32, and their mask."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROMPTS]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="np", padding=True)
     assert batch["attention_mask"].min() == 0  # the batch has left padding
