@@ -101,7 +101,8 @@ def audit(config: Any) -> Fixes:
                      "Use the PyTorch model, or a checkpoint with head_dim * num_attention_heads == hidden_size.")
     kind = rope_type(config)
     if kind not in ROPE_TYPES:
-        raise refuse(config, f"rope_scaling type {kind!r}", "switches frequencies with the sequence length",
+        raise refuse(config, f"rope_scaling type {kind!r}", "scales RoPE in a way the Flax rotary embedding lacks "
+                     "(longrope: frequencies switched by the sequence length)",
                      f"miss-jax computes rope_scaling types {list(ROPE_TYPES)}; use the PyTorch model.")
     rope = kind != "default" or float(getattr(config, "rope_theta", FLAX_ROPE_THETA)) != FLAX_ROPE_THETA
     tie = family in UNTIED_LM_HEAD and bool(getattr(config, "tie_word_embeddings", False))
