@@ -141,13 +141,14 @@ def test_pytorch_born_adapter_gives_jax_the_same_greedy_tokens(jax_model, prompt
         jax_model.delete_adapter("torch")
 
 
-def test_merged_plain_model_still_equals_pytorch(prompt_ids) -> None:
-    """`merge_and_unload()` returns the transformers Flax model; it keeps PyTorch's RoPE and tied lm_head."""
+def test_merged_plain_model_computes_what_the_wrapped_model_did(jax_model, prompt_ids) -> None:
+    """`merge_and_unload()` returns the transformers Flax model; it keeps PyTorch's RoPE and tied lm_head (so equals
+    PyTorch PEFT, which the wrapped model was checked against above).
+    (The last test of the module fixture: merging consumes it.)"""
     ids, mask = prompt_ids
-    model = get_peft_model(flax_smollm2(), MissConfig(r=16, target_modules=TARGETS))
-    fill_blocks(model, "default", 0.02, seed=1)
-    expected = np.asarray(model(input_ids=ids, attention_mask=mask).logits)
-    merged = model.merge_and_unload()
+    jax_model.set_adapter("jax")
+    expected = np.asarray(jax_model(input_ids=ids, attention_mask=mask).logits)
+    merged = jax_model.merge_and_unload()
     assert isinstance(merged, transformers.FlaxLlamaForCausalLM)
     got = np.asarray(merged(ids, attention_mask=mask).logits)
     assert np.abs(got - expected)[mask.astype(bool)].max() < ATOL
