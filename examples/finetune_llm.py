@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,7 +38,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from interop.gguf import cached_folder  # noqa: E402
 from miss_jax import MissConfig, get_peft_model, losses  # noqa: E402
 from miss_jax import train as T  # noqa: E402

@@ -144,3 +144,22 @@ def test_every_case_is_in_the_documented_table() -> None:
     missing = [case_id(c) for c in CASES if not any(
         f"| {c[0]} |" in line and f"`{next(iter(c[1]))}`" in line and c[2] in line for line in text.splitlines())]
     assert missing == []
+
+
+def test_fixed_fields_hold_in_generate_and_after_merging(tmp_path) -> None:
+    """Mistral with RoPE theta 1e6, a 4-token sliding window and tied embeddings (three fixes at once): greedy
+    tokens with the KV cache equal PyTorch's past the window, and the merged plain model keeps the fixes."""
+    fields = {"rope_theta": 1000000.0, "sliding_window": 4, "tie_word_embeddings": True}
+    pt = torch_model("mistral", fields)
+    flax = flax_from_pt(pt, "mistral", str(tmp_path))
+    wrapped = get_peft_model(flax, MissConfig(r=2, target_modules=targets("mistral")))
+    prompt = tm.inputs("mistral", batch=2, seq=5)["input_ids"]
+    with torch.no_grad():
+        expected = pt.generate(torch.from_numpy(prompt).long(), max_new_tokens=10, do_sample=False,
+                               pad_token_id=0, eos_token_id=None).numpy()
+    got = np.asarray(wrapped.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                      eos_token_id=None).sequences)
+    np.testing.assert_array_equal(got, expected)
+    inputs = tm.inputs("mistral", seq=12)
+    merged = wrapped.merge_and_unload()
+    np.testing.assert_allclose(np.asarray(merged(**inputs).logits), torch_logits(pt, "mistral"), atol=ATOL, rtol=0)
