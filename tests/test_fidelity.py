@@ -163,3 +163,24 @@ def test_fixed_fields_hold_in_generate_and_after_merging(tmp_path) -> None:
     inputs = tm.inputs("mistral", seq=12)
     merged = wrapped.merge_and_unload()
     np.testing.assert_allclose(np.asarray(merged(**inputs).logits), torch_logits(pt, "mistral"), atol=ATOL, rtol=0)
+
+
+def test_a_pytorch_adapter_loaded_with_from_pretrained_gets_the_fixes(tmp_path) -> None:
+    """The other path in: `MissModel.from_pretrained(flax_model, peft_folder)` on Llama 3-style RoPE and tied
+    embeddings gives PEFT's logits."""
+    import peft
+
+    from miss_jax import MissModel
+
+    fields = {"rope_theta": 500000.0, "rope_scaling": LLAMA3, "tie_word_embeddings": True}
+    pt = torch_model("llama", fields)
+    flax = flax_from_pt(pt, "llama", str(tmp_path / "base"))
+    born = peft.get_peft_model(pt, peft.MissConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights="bat"))
+    with torch.no_grad():
+        for name, p in born.named_parameters():
+            if "miss_block" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(7))
+    born.save_pretrained(str(tmp_path / "adapter"))
+    loaded = MissModel.from_pretrained(flax, str(tmp_path / "adapter"))
+    got = np.asarray(loaded(**tm.inputs("llama", seq=12)).logits)
+    np.testing.assert_allclose(got, torch_logits(born.eval(), "llama"), atol=ATOL, rtol=0)
