@@ -59,7 +59,8 @@ def jax_model() -> MissModel:
 
 def torch_logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    return out.logits.numpy()
 
 
 def torch_greedy(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
