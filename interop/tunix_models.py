@@ -6,7 +6,7 @@ with tunix's `create_model_from_safe_tensors`, and fixes what tunix (0.1.7) woul
 
   * RoPE: tunix's attention calls its `apply_rope(x, positions, head_dim=...)`, whose `rope_theta` defaults to
     1e6; `ModelConfig.rope_theta` is never read and there is no `rope_scaling`. Every attention module gets a
-    subclass whose `block` is tunix's own code with `apply_rope` bound to `interop.rope.rotate` at the folder's
+    subclass whose `block` is tunix's own code with `apply_rope` bound to `miss_jax.rope.rotate` at the folder's
     frequencies (`rope_theta`, `rope_scaling` of type default / linear / llama3), as transformers computes them.
   * dtype: weights are loaded in float32 (the PyTorch side's dtype), whatever dtype the folder stores.
   * tied head: `tie_word_embeddings` becomes tunix's `weight_tying` / `use_tied_embedding` (the embedding
@@ -30,8 +30,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from miss_jax import rope
+
 from . import nnx_io
-from . import rope
+
+SCALING_TYPES = ("default", "linear", "llama3")  # rope_scaling types tunix's models follow (RoPE frequencies only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +120,15 @@ def model_config(family: NnxFamily, base_dir: str) -> tuple[dict[str, Any], Any,
         raise ValueError(f"{path} lacks {missing}; re-save the model with transformers' save_pretrained.")
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    kind = rope.scaling_type(scaling)
     try:
-        inv_freq = rope.inverse_frequencies(head_dim, theta, scaling)
+        if kind not in SCALING_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (only {', '.join(SCALING_TYPES)}): it "
+                             "changes the attention beyond the rotary frequencies.")
+        inv_freq, _ = rope.frequencies(head_dim, theta, scaling)
     except ValueError as e:
         raise ValueError(f"{path}: {e} tunix's model cannot match this model's PyTorch logits; use a folder whose "
-                         f"rope_scaling is one of {', '.join(rope.SCALING_TYPES)}.") from None
+                         f"rope_scaling is one of {', '.join(SCALING_TYPES)}.") from None
     module, _ = tunix_modules(family)
     config = module.ModelConfig(
         num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
@@ -151,7 +158,7 @@ def rope_attention(attention: type, inv_freq: tuple[float, ...]) -> type:
     scope = {**vars(module), "apply_rope": apply_rope}
     rebound = types.FunctionType(block.__code__, scope, block.__name__, block.__defaults__, block.__closure__)
     rebound.__kwdefaults__ = block.__kwdefaults__
-    rebound.__doc__ = f"tunix's {attention.__name__}.block with the folder's RoPE (interop.rope.rotate)."
+    rebound.__doc__ = f"tunix's {attention.__name__}.block with the folder's RoPE (miss_jax.rope.rotate)."
     return type(attention.__name__, (attention,), {"block": rebound, "__module__": __name__})
 
 

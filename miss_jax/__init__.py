@@ -13,6 +13,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   losses                                 -- losses for train steps (causal LM, classification, chunked)
   attention, remat                       -- blockwise attention and gradient checkpointing (long sequences)
   generation                             -- MissModel.generate
+  rope                                   -- RoPE as transformers computes it (frequencies of rope_theta/rope_scaling)
   fidelity                               -- Flax configs computed as PyTorch does (RoPE, tied lm_head), or refused
   programs                               -- the jitted forward and merge, shared per model configuration
   status                                 -- PEFT's layer / model status dataclasses
@@ -21,8 +22,8 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
 """
 
 from . import (
-    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, sharding,
-    status, targeting, train, tree,
+    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, rope,
+    sharding, status, targeting, train, tree,
 )
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
@@ -30,7 +31,7 @@ from .model import MissModel, get_peft_model
 
 __all__ = [
     "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation",
-    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "sharding", "status",
+    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "rope", "sharding", "status",
     "targeting", "train", "tree",
 ]
 __version__ = "0.1.0"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
@@ -31,11 +30,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from . import rope
+
 # model_type -> the class name of its Flax rotary embedding (called as `rotary(key, query, position_ids)`)
 ROTARY_MODULES = {"llama": "FlaxLlamaRotaryEmbedding", "mistral": "FlaxMistralRotaryEmbedding",
                   "gemma": "FlaxGemmaRotaryEmbedding"}
 FLAX_ROPE_THETA = 10000.0  # what those Flax rotary embeddings hard-code
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # computed by `rope_frequencies`
 UNTIED_LM_HEAD = ("llama", "mistral")  # Flax families that ignore `tie_word_embeddings`
 HEAD_DIM_DERIVED = ("llama", "mistral")  # Flax families that derive head_dim as hidden_size // heads
 WINDOWED = ("mistral",)  # Flax families masking with `config.sliding_window`
@@ -59,9 +59,8 @@ class Fixes:
 
 
 def rope_type(config: Any) -> str:
-    """The config's RoPE type ("default" without `rope_scaling`); transformers accepts "type" for "rope_type"."""
-    scaling = getattr(config, "rope_scaling", None) or {}
-    return scaling.get("rope_type", scaling.get("type", "default"))
+    """The config's RoPE type ("default" without `rope_scaling`; `miss_jax.rope.scaling_type`)."""
+    return rope.scaling_type(getattr(config, "rope_scaling", None))
 
 
 def refuse(config: Any, field: str, problem: str, fix: str) -> UnfaithfulConfig:
@@ -100,11 +99,11 @@ def audit(config: Any) -> Fixes:
                      f"{config.hidden_size // heads} (the Flax code's head size)",
                      "Use the PyTorch model, or a checkpoint with head_dim * num_attention_heads == hidden_size.")
     kind = rope_type(config)
-    if kind not in ROPE_TYPES:
+    if kind not in rope.ROPE_TYPES:
         raise refuse(config, f"rope_scaling type {kind!r}", "scales RoPE in a way the Flax rotary embedding lacks "
                      "(longrope: frequencies switched by the sequence length)",
-                     f"miss-jax computes rope_scaling types {list(ROPE_TYPES)}; use the PyTorch model.")
-    rope = kind != "default" or float(getattr(config, "rope_theta", FLAX_ROPE_THETA)) != FLAX_ROPE_THETA
+                     f"miss-jax computes rope_scaling types {list(rope.ROPE_TYPES)}; use the PyTorch model.")
+    swap_rope = kind != "default" or float(getattr(config, "rope_theta", FLAX_ROPE_THETA)) != FLAX_ROPE_THETA
     tie = family in UNTIED_LM_HEAD and bool(getattr(config, "tie_word_embeddings", False))
     window = None
     if family in WINDOWED:
@@ -114,81 +113,14 @@ def audit(config: Any) -> Fixes:
         if window < 1:
             raise refuse(config, f"sliding_window={w}", "is below 2", "Use a window of at least 2 positions.")
         window = None if window == w else window
-    return Fixes(rope=rope, tie=tie, window=window)
+    return Fixes(rope=swap_rope, tie=tie, window=window)
 
 
 def rope_frequencies(config: Any, head_dim: int) -> tuple[np.ndarray, float]:
-    """PyTorch's RoPE inverse frequencies `(head_dim // 2,)` float32 and the cos/sin scale (`attention_scaling`)
-    for `config` (transformers' `ROPE_INIT_FUNCTIONS` in NumPy). "dynamic" is the default within
-    `max_position_embeddings`, which miss-jax's forward never exceeds."""
-    base = float(getattr(config, "rope_theta", FLAX_ROPE_THETA))
-    kind, scaling = rope_type(config), getattr(config, "rope_scaling", None) or {}
-    exponents = np.arange(0, head_dim, 2).astype(np.float32) / head_dim
-    inv_freq = (1.0 / (base ** exponents)).astype(np.float32)
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).astype(np.float32), 1.0
-    if kind == "llama3":
-        return llama3_frequencies(inv_freq, scaling), 1.0
-    if kind == "yarn":
-        return yarn_frequencies(config, base, head_dim, scaling)
-    return inv_freq, 1.0
-
-
-def llama3_frequencies(inv_freq: np.ndarray, scaling: Mapping) -> np.ndarray:
-    """Llama 3.1's frequency-dependent interpolation of `inv_freq` `(d/2,)`."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def yarn_frequencies(config: Any, base: float, dim: int, scaling: Mapping) -> tuple[np.ndarray, float]:
-    """YaRN: inv_freq `(dim/2,)` blended between interpolation and extrapolation, and its attention factor."""
-    factor = scaling["factor"]
-    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if low == high else high
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (np.arange(0, dim, 2).astype(np.float32) / dim)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq.astype(np.float32), float(attention)
-
-
-def rotate(x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray) -> jnp.ndarray:
-    """RoPE with halves rotated (`x * cos + rotate_half(x) * sin`); x `(B, T, heads, d)`, sin/cos `(B, T, 1, d)`."""
-    half = x.shape[-1] // 2
-    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
-
-
-def rotary(key: jnp.ndarray, query: jnp.ndarray, position_ids: jnp.ndarray, inv_freq: np.ndarray,
-           scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`(key, query)` `(B, T, heads, d)` rotated at `position_ids` `(B, T)` as PyTorch does: float32 angles
-    `position * inv_freq`, cos/sin times `scale`."""
-    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B, T, d/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    sin, cos = jnp.sin(emb) * scale, jnp.cos(emb) * scale
-    return rotate(key, sin, cos), rotate(query, sin, cos)
+    """PyTorch's RoPE inverse frequencies `(head_dim // 2,)` float32 and the cos/sin scale for `config`
+    (`miss_jax.rope.frequencies`)."""
+    return rope.frequencies(head_dim, float(getattr(config, "rope_theta", FLAX_ROPE_THETA)),
+                            getattr(config, "rope_scaling", None), getattr(config, "max_position_embeddings", None))
 
 
 @contextlib.contextmanager
@@ -204,9 +136,9 @@ def rope_interceptor(config: Any) -> Iterator[None]:
         dim = key.shape[-1]
         if dim not in tables:
             tables[dim] = rope_frequencies(config, dim)
-        k, q = rotary(key, query, position_ids, *tables[dim])
+        inv_freq, scale = tables[dim]
         dtype = context.module.dtype
-        return jnp.asarray(k, dtype=dtype), jnp.asarray(q, dtype=dtype)
+        return tuple(jnp.asarray(rope.rotate(x, position_ids, inv_freq, scale), dtype=dtype) for x in (key, query))
 
     with nn.intercept_methods(interceptor):
         yield
