@@ -12,6 +12,8 @@ mode "train" (files `result_<process>.json`, `trained_<process>.npz`, `adapter_<
   checkpoint is restored, its state compared to step 2's, and step 3 rerun from it (resume); the adapter
   is saved with `save_pretrained(is_main_process=process 0)`; merge and unmerge (shardings kept?).
 mode "die": prints "step 1 done" after step 1, then runs steps forever (the test kills one process).
+`--crash-before checkpoint|adapter`: in mode "train", process 1 kills itself (SIGKILL) just before that
+save, so that process 0 is inside the save when its peer dies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 
@@ -58,6 +61,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=("train", "die"), default="train")
     p.add_argument("--distributed", action="store_true")
+    p.add_argument("--crash-before", choices=("checkpoint", "adapter"))
     cli = p.parse_args()
     if cli.distributed:
         S.initialize_distributed(timeout=60, heartbeat_timeout=10)
@@ -70,6 +74,11 @@ def main() -> None:
     step = S.make_sharded_train_step(peft_model, tx, T.causal_lm_loss, mesh, rules, spec)
     batch = lambda i: S.shard_batch(example.local_batch(tokens, i, args), mesh, spec)  # noqa: E731
     me = jax.process_index()
+
+    def crash_point(name: str) -> None:
+        if cli.crash_before == name and me == 1:
+            print(f"crashing before the {name} save", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     if cli.mode == "die":
         state = S.create_sharded_train_state(peft_model, tx, mesh, rules)
@@ -87,6 +96,7 @@ def main() -> None:
         state, loss = step(peft_model.params, state, batch(i), jax.random.PRNGKey(i))
         losses.append(float(loss))
     at_two = gathered(state.trainable)
+    crash_point("checkpoint")
     T.save_checkpoint(os.path.join(cli.out, "checkpoint"), state, peft_model)
     state, loss = step(peft_model.params, state, batch(2), jax.random.PRNGKey(2))
     losses.append(float(loss))
@@ -103,6 +113,7 @@ def main() -> None:
     resume_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(gathered(resumed.trainable)),
                                                                   jax.tree_util.tree_leaves(uninterrupted)))
 
+    crash_point("adapter")
     peft_model.save_pretrained(os.path.join(cli.out, f"adapter_{me}"), is_main_process=me == 0)
 
     before = {k: v.sharding for k, v in traverse_util.flatten_dict(peft_model.params).items()}

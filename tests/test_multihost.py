@@ -230,6 +230,27 @@ def test_a_killed_process_makes_the_other_exit_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.multihost
+@pytest.mark.parametrize("save", ["checkpoint", "adapter"])
+def test_a_process_dying_mid_save_leaves_no_half_written_checkpoint_or_folder(tmp_path, save):
+    """Process 1 is killed just before the save; process 0, inside it (orbax's barriers, the adapter's gather),
+    stops within the heartbeat timeout, and nothing readable is left half-written."""
+    logs = [str(tmp_path / "log_0"), str(tmp_path / "log_1")]
+    procs = [start([WORKER, "--distributed", "--crash-before", save, "--out", str(tmp_path)], env, log)
+             for env, log in zip(two_process_envs(), logs)]
+    codes = finish(procs, logs)
+    assert codes[1] == -signal.SIGKILL and f"crashing before the {save} save" in tail(logs[1])
+    assert codes[0] != 0 and "another task died" in tail(logs[0], 40)
+    checkpoints = str(tmp_path / "checkpoint")
+    if save == "checkpoint":
+        assert T.latest_step(checkpoints) is None
+        with pytest.raises(FileNotFoundError, match="No checkpoint under"):
+            T.read_checkpoint(checkpoints)
+    else:
+        assert T.latest_step(checkpoints) == 2  # the save before is whole
+        assert not os.path.exists(tmp_path / "adapter_0")
+
+
+@pytest.mark.multihost
 def test_the_example_runs_as_documented_with_the_environment_or_the_flags(tmp_path):
     """Process 0 through the JAX_* variables, process 1 through --coordinator/--num-processes/--process-id."""
     args = ["--strategy", "fsdp", "--hidden", "32", "--layers", "1", "--seq", "16", "--batch", "8", "--r", "4",
