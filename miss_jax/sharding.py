@@ -169,7 +169,7 @@ def initialize_distributed(
     except Exception as e:  # XLA's runtime errors have no public class of their own
         where = f"coordinator {address} as process {i} of {n}" if settings else "the cluster JAX detected"
         raise RuntimeError(
-            f"Multi-host start failed ({where}) within {timeout} s: {str(e).strip().splitlines()[0]}. Check that "
+            f"Multi-host start failed ({where}): {str(e).strip().splitlines()[0]}. Check that "
             f"every process was started with the same coordinator address and process count and a distinct "
             f"process id, that process 0 runs and its port is reachable from every host, and that no JAX "
             f"computation ran before this call."

@@ -75,6 +75,14 @@ def test_an_unreachable_coordinator_is_an_error_in_bounded_time():
     assert time.monotonic() - start < 10
 
 
+def test_joining_after_a_jax_computation_is_an_error_naming_the_order(no_jax_env):
+    import jax.numpy as jnp
+
+    float(jnp.ones(()))  # the backend is up: too late to join a multi-host run
+    with pytest.raises(RuntimeError, match="no JAX computation ran before this call"):
+        S.initialize_distributed(f"127.0.0.1:{free_port()}", 1, 0, timeout=5)
+
+
 # --------------------------------------------------------------------------- subprocesses
 
 
@@ -224,9 +232,13 @@ def test_a_killed_process_makes_the_other_exit_with_a_clear_error(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert code != 0
-    assert elapsed < 60  # the worker's heartbeat timeout is 10 s
-    assert "another task died" in tail(logs[0], 40) and "stopped sending heartbeats" in tail(logs[0], 40)
+    with open(logs[0]) as f:
+        survivor = f.read()
+    # Its collective fails first (gloo: "Connection reset by peer") or it waits for the coordination service to miss
+    # the dead process's heartbeats; either way JAX ends it, naming the cause.
+    assert code != 0, survivor[-3000:]
+    assert elapsed < 60, survivor[-3000:]  # the worker's heartbeat timeout is 10 s
+    assert "another task died" in survivor and "stopped sending heartbeats" in survivor, survivor[-3000:]
 
 
 @pytest.mark.multihost
@@ -239,11 +251,12 @@ def test_a_process_dying_mid_save_leaves_no_half_written_checkpoint_or_folder(tm
              for env, log in zip(two_process_envs(), logs)]
     codes = finish(procs, logs)
     assert codes[1] == -signal.SIGKILL and f"crashing before the {save} save" in tail(logs[1])
-    assert codes[0] != 0 and "another task died" in tail(logs[0], 40)
+    with open(logs[0]) as f:
+        assert codes[0] != 0 and "another task died" in f.read()
     checkpoints = str(tmp_path / "checkpoint")
     if save == "checkpoint":
         assert T.latest_step(checkpoints) is None
-        with pytest.raises(FileNotFoundError, match="No checkpoint under"):
+        with pytest.raises(FileNotFoundError, match="No checkpoint"):  # no folder, or no complete step in it
             T.read_checkpoint(checkpoints)
     else:
         assert T.latest_step(checkpoints) == 2  # the save before is whole
