@@ -131,9 +131,9 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise RuntimeError(
-                    f"No multi-host coordinator at {address} after {timeout} s ({e}). Start process 0 (it runs the "
-                    f"coordinator) with the same {COORDINATOR_ENV} / --coordinator, use its host's address as seen from "
-                    "this host, and open that port; or raise the timeout if process 0 starts later."
+                    f"No multi-host coordinator at {address} after {timeout} s ({e}). Start process 0 (it runs "
+                    f"the coordinator) with the same {COORDINATOR_ENV} / --coordinator, use its host's address as "
+                    "seen from this host, and open that port; or raise the timeout if process 0 starts later."
                 ) from None
             time.sleep(0.2)
 

@@ -382,7 +382,9 @@ def read_checkpoint(directory: str, step: Optional[int] = None) -> tuple[dict[st
     with _manager(directory) as mngr:
         restored = mngr.restore(
             _step(mngr, directory, step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=anywhere), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(fallback_sharding=anywhere), meta=ocp.args.JsonRestore()
+            ),
         )
     meta, state = restored["meta"], restored["state"]
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:

@@ -52,6 +52,15 @@ def gathered(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def leaves(tree) -> list:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def max_diff(a, b) -> float:
+    """The largest |a - b| over two trees of arrays of the same structure."""
+    return max(float(np.abs(x - y).max()) for x, y in zip(leaves(a), leaves(b)))
+
+
 def flat(tree) -> dict[str, np.ndarray]:
     return {"/".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
@@ -102,16 +111,15 @@ def main() -> None:
     losses.append(float(loss))
     uninterrupted = gathered(state.trainable)
 
-    restored = T.restore_checkpoint(os.path.join(cli.out, "checkpoint"), S.abstract_train_state(peft_model, tx, mesh, rules))
+    template = S.abstract_train_state(peft_model, tx, mesh, rules)
+    restored = T.restore_checkpoint(os.path.join(cli.out, "checkpoint"), template)
     restored_step = int(restored.step)
-    restore_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(gathered(restored.trainable)),
-                                                                   jax.tree_util.tree_leaves(at_two)))
+    restore_diff = max_diff(gathered(restored.trainable), at_two)
     restored_sharded_ok = all(
         a.sharding.is_equivalent_to(b.sharding, a.ndim)
-        for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)))
+        for a, b in zip(leaves(restored), leaves(state)))
     resumed, resumed_loss = step(peft_model.params, restored, batch(2), jax.random.PRNGKey(2))
-    resume_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(gathered(resumed.trainable)),
-                                                                  jax.tree_util.tree_leaves(uninterrupted)))
+    resume_diff = max_diff(gathered(resumed.trainable), uninterrupted)
 
     crash_point("adapter")
     peft_model.save_pretrained(os.path.join(cli.out, f"adapter_{me}"), is_main_process=me == 0)
@@ -131,7 +139,7 @@ def main() -> None:
         "local_device_count": jax.local_device_count(), "losses": losses, "resumed_loss": float(resumed_loss),
         "restored_step": restored_step, "restore_diff": restore_diff, "restored_sharded_ok": restored_sharded_ok,
         "resume_diff": resume_diff, "shardings_kept": kept, "merge_diff": merge_diff,
-        "adapter_sharded_over_hosts": not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(state.trainable)),
+        "adapter_sharded_over_hosts": not all(x.is_fully_addressable for x in leaves(state.trainable)),
     }
     with open(os.path.join(cli.out, f"result_{me}.json"), "w") as f:
         json.dump(result, f)

@@ -197,8 +197,11 @@ def test_save_pretrained_gathers_the_shards_and_process_0_writes_one_folder(runs
     multi, single = runs["multi_dir"], runs["single_dir"]
     assert os.path.isdir(multi / "adapter_0") and not os.path.exists(multi / "adapter_1")
     assert sorted(os.listdir(multi / "adapter_0")) == sorted(os.listdir(single / "adapter_0"))
-    with open(multi / "adapter_0" / "adapter_config.json") as f, open(single / "adapter_0" / "adapter_config.json") as g:
-        assert json.load(f) == json.load(g)
+    configs = []
+    for folder in (multi, single):
+        with open(folder / "adapter_0" / "adapter_config.json") as f:
+            configs.append(json.load(f))
+    assert configs[0] == configs[1]
     got = load_file(str(multi / "adapter_0" / "adapter_model.safetensors"))
     want = load_file(str(single / "adapter_0" / "adapter_model.safetensors"))
     assert got.keys() == want.keys() and len(got) > 0
