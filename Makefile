@@ -16,7 +16,7 @@ BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
 MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py tests/test_tunix_models.py
 
-.PHONY: venv venv-modern test test-modern test-bench test-fast demo demo-llm bench clean
+.PHONY: venv venv-modern test test-modern test-bench test-multihost test-real test-fast demo demo-llm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,17 +47,26 @@ venv-modern: $(STAMP_MODERN)
 # One pytest worker per CPU (pytest-xdist), each test file on one worker (its module fixtures run once).
 # The benchmark harness's tests (tests/test_benchmarks.py, marker `bench`) run in `make test-bench`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not bench"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not bench and not multihost and not real"
 
 test-bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m bench
+
+# The real checkpoint (SmolLM2-135M against PyTorch PEFT): minutes of CPU, so a target of its own that CI runs.
+test-real: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m real
+
+# Multi-host for real: each test starts 2 processes x 4 CPU devices (JAX's multi-controller runtime, gloo), one
+# test at a time (the processes of a test already use every core).
+test-multihost: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 0 -m multihost tests/test_multihost.py
 
 # NNX tests on the newest jax/flax; the PyTorch twins of the tunix tests run in $(VENV).
 test-modern: $(STAMP_MODERN) $(STAMP)
 	MISS_JAX_TORCH_PYTHON=$(abspath $(BIN))/python $(BIN_MODERN)/python -m pytest -q $(MODERN_TESTS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow and not bench"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow and not bench and not multihost and not real"
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py

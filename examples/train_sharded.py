@@ -4,6 +4,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/train_sharded.py --mesh 4,2
     python examples/train_sharded.py --mesh 8,1 --strategy fsdp --variant bat     # on an 8-chip host
     python examples/train_sharded.py --distributed ...                            # each host of a pod
+    # 2 processes x 4 CPU devices on one machine (run both; --process-id 1 in the second):
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_sharded.py --strategy fsdp \
+        --distributed --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0 --out runs/sharded
 
 Steps: build a small random-init Llama (`LlamaConfig`, bytes as tokens: vocab 256) with its params
 created directly sharded (`init_sharded_params`: no kernel ever sits whole on one device); add a MiSS
@@ -13,9 +16,10 @@ over the data axis) on byte windows of a text (default: this repository's README
 orbax checkpoint of the sharded state; merge the adapter in place (kernels keep their shardings) and check
 the merged model gives the unmerged logits; optionally write the PEFT folder.
 
-Multi-host: start the same command on every host with `--distributed` (calls `jax.distributed.initialize()`,
-which finds the coordinator on TPU pods and SLURM, or reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID); each host feeds its share of every batch, `--out` must be a folder every host can reach.
+Multi-host: start the same command on every host with `--distributed` (`miss_jax.sharding.initialize_distributed`:
+the coordinator, process count and id from --coordinator/--num-processes/--process-id or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID, or found by JAX itself on TPU pod slices and SLURM); each host feeds its
+share of every batch, `--out` must be a folder every host can reach.
 """
 
 from __future__ import annotations
@@ -73,7 +77,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", action="append", help="text file(s) to train on (bytes as tokens)")
     p.add_argument("--out", default=None, help="folder for the orbax checkpoint and the PEFT adapter folder")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: join the run (miss_jax.sharding.initialize_distributed) before anything else")
+    p.add_argument("--coordinator", help="with --distributed: process 0's HOST:PORT (else $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="with --distributed: process count (else $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="with --distributed: this process's id (else $JAX_PROCESS_ID)")
+    p.add_argument("--timeout", type=int, default=300,
+                   help="with --distributed: seconds to wait for every process to reach the coordinator")
     return p.parse_args(argv)
 
 
@@ -95,10 +105,11 @@ def read_bytes(paths: Sequence[str]) -> np.ndarray:
 
 
 def local_batch(tokens: np.ndarray, step: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step`: random byte windows of `args.seq` tokens."""
+    """This process's rows of global batch `step` (random byte windows of `args.seq` tokens): the same global
+    batch whatever the host count, each process taking its consecutive share of rows."""
     rows = args.batch // jax.process_count()
-    rng = np.random.default_rng((args.seed, step, jax.process_index()))
-    starts = rng.integers(0, len(tokens) - args.seq, rows)
+    starts = np.random.default_rng((args.seed, step)).integers(0, len(tokens) - args.seq, args.batch)
+    starts = starts[jax.process_index() * rows : (jax.process_index() + 1) * rows]
     ids = np.stack([tokens[s : s + args.seq] for s in starts]).astype(np.int32)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
@@ -127,7 +138,9 @@ def say(*parts: Any) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.distributed:
-        jax.distributed.initialize()
+        S.initialize_distributed(args.coordinator, args.num_processes, args.process_id, timeout=args.timeout)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise SystemExit("--coordinator, --num-processes and --process-id need --distributed.")
     shape = args.mesh or default_mesh_shape()
     mesh, rules = S.make_mesh(shape), S.llama_rules(args.strategy)
     batch_spec = S.llama_batch_spec(args.strategy)

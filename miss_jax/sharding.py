@@ -38,7 +38,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -63,6 +66,115 @@ AxisEntry = ops.AxisEntry
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 STRATEGIES = ("data_parallel", "fsdp", "tensor_parallel")
+
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+# --------------------------------------------------------------------------- many hosts
+
+
+def distributed_settings(
+    coordinator: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None
+) -> Optional[tuple[str, int, int]]:
+    """`(coordinator, num_processes, process_id)` from the arguments, else from `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, checked; None when none of the three is set anywhere (leave it
+    to JAX's cluster detection: Cloud TPU, SLURM, Open MPI). ValueError naming the fix when only some are set,
+    a count or id is not an integer, the id is out of `[0, num_processes)`, or the address is not `host:port`."""
+    got = {
+        "coordinator": (coordinator, COORDINATOR_ENV, "--coordinator"),
+        "num_processes": (num_processes, NUM_PROCESSES_ENV, "--num-processes"),
+        "process_id": (process_id, PROCESS_ID_ENV, "--process-id"),
+    }
+    values = {k: v if v is not None else os.environ.get(env) or None for k, (v, env, _) in got.items()}
+    if all(v is None for v in values.values()):
+        return None
+    missing = [f"{env} (or {flag})" for k, (_, env, flag) in got.items() if values[k] is None]
+    if missing:
+        raise ValueError(
+            f"Multi-host launch: {', '.join(missing)} not set. Set all three of {COORDINATOR_ENV}=HOST:PORT "
+            f"(process 0's address), {NUM_PROCESSES_ENV}=N and {PROCESS_ID_ENV}=0..N-1 on every process, or none "
+            "of them on a cluster JAX detects itself (Cloud TPU, SLURM)."
+        )
+    ints = {}
+    for k in ("num_processes", "process_id"):
+        try:
+            ints[k] = int(values[k])
+        except (TypeError, ValueError):
+            raise ValueError(f"{got[k][1]} / {got[k][2]} must be an integer, got {values[k]!r}.") from None
+    n, i = ints["num_processes"], ints["process_id"]
+    if n < 1:
+        raise ValueError(f"{NUM_PROCESSES_ENV} / --num-processes must be at least 1, got {n}.")
+    if not 0 <= i < n:
+        raise ValueError(
+            f"{PROCESS_ID_ENV} / --process-id {i} is out of range for {n} processes: give each process a "
+            f"distinct id in 0..{n - 1} (process 0 runs the coordinator)."
+        )
+    address = str(values["coordinator"])
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{COORDINATOR_ENV} / --coordinator must be HOST:PORT (process 0's address and a free port, e.g. "
+            f"10.0.0.1:1234), got {address!r}."
+        )
+    return address, n, i
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Returns once `address` (`host:port`) accepts a TCP connection; RuntimeError naming the fix when it has
+    not within `timeout` seconds (JAX itself would abort the process without saying which setting is wrong)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(1.0, timeout)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"No multi-host coordinator at {address} after {timeout} s ({e}). Start process 0 (it runs "
+                    f"the coordinator) with the same {COORDINATOR_ENV} / --coordinator, use its host's address as "
+                    "seen from this host, and open that port; or raise the timeout if process 0 starts later."
+                ) from None
+            time.sleep(0.2)
+
+
+def initialize_distributed(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    timeout: int = 300,
+    heartbeat_timeout: int = 100,
+) -> tuple[int, int]:
+    """Joins this process to a multi-host JAX run (`jax.distributed.initialize`); returns
+    `(process_index, process_count)`. Call it on every process before any other JAX call.
+
+    The settings come from the arguments or the `JAX_*` environment variables (`distributed_settings`, which
+    checks them); with none set, JAX detects the cluster itself (Cloud TPU pod slices, SLURM). On CPU the
+    cross-process collectives are gloo's. `timeout` bounds (seconds) the wait for every process to reach
+    the coordinator, `heartbeat_timeout` how long a dead peer goes unnoticed: then this process stops with
+    an error instead of hanging. Already initialized: a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    settings = distributed_settings(coordinator, num_processes, process_id)
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    address, n, i = settings or (None, None, None)
+    if settings and i != 0:
+        wait_for_coordinator(address, timeout)
+    try:
+        jax.distributed.initialize(
+            address, n, i, initialization_timeout=int(timeout), heartbeat_timeout_seconds=int(heartbeat_timeout)
+        )
+    except Exception as e:  # XLA's runtime errors have no public class of their own
+        where = f"coordinator {address} as process {i} of {n}" if settings else "the cluster JAX detected"
+        raise RuntimeError(
+            f"Multi-host start failed ({where}): {str(e).strip().splitlines()[0]}. Check that "
+            f"every process was started with the same coordinator address and process count and a distinct "
+            f"process id, that process 0 runs and its port is reachable from every host, and that no JAX "
+            f"computation ran before this call."
+        ) from e
+    return jax.process_index(), jax.process_count()
 
 
 # --------------------------------------------------------------------------- meshes and rule sets

@@ -418,13 +418,18 @@ def read_checkpoint_metadata(directory: str, step: Optional[int] = None) -> dict
 
 def read_checkpoint(directory: str, step: Optional[int] = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(state, metadata)` of a checkpoint without a template: the `TrainState` as a nested dict of arrays
-    (`step`, `trainable`, `opt_state`) and the JSON metadata. ValueError if it is not a miss-jax checkpoint."""
+    (`step`, `trainable`, `opt_state`) and the JSON metadata. ValueError if it is not a miss-jax checkpoint.
+    Arrays saved on devices this process does not have (another mesh, other hosts) come back whole on its
+    first device."""
     import orbax.checkpoint as ocp
 
+    anywhere = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with _manager(directory) as mngr:
         restored = mngr.restore(
             _step(mngr, directory, step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(fallback_sharding=anywhere), meta=ocp.args.JsonRestore()
+            ),
         )
     meta, state = restored["meta"], restored["state"]
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:

@@ -22,6 +22,8 @@ from interop.cli import main as cli_main
 from miss_jax import MissConfig, MissModel, get_peft_model, losses
 from real_checkpoint import flax_smollm2, smollm2_folder, torch_smollm2
 
+pytestmark = pytest.mark.real  # minutes of CPU: `make test-real`, which CI runs
+
 ATOL = 2e-3  # logits are ~30 in scale; float32 through 30 layers in two frameworks
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROMPTS = ["What is the capital of France?", "Name a primary colour of the rainbow, please."]  # padded: lengths differ
