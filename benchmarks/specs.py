@@ -50,6 +50,9 @@ LONG_CASES = ("balance/plain", "balance", "balance+remat")
 # concurrency and starts each checkpointed layer's recomputation early, which keeps the memory checkpointing
 # frees; the sequential scheduler keeps the saving (README "Long sequences"). XLA reads it at start-up only.
 LONG_XLA_FLAGS = {"balance+remat": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+# what a model without its own `cases` runs, by group (the CPU suite)
+STANDARD_CASES = {"forward": FORWARD_CASES, "train": TRAIN_CASES, "generate": GENERATE_CASES, "create": VARIANTS,
+                  "merge_and_unload": VARIANTS, "long": LONG_CASES}
 BF16 = "/bf16"  # case-name suffix: base weights and activations bfloat16, adapter and optimizer state float32
 GPU_LONG_CASES = ("balance" + BF16, "balance+remat" + BF16)
 
@@ -71,8 +74,8 @@ class ModelSpec:
     cases: tuple[str, ...] = ()  # "group/case" names this model runs (empty: every case of its suite)
 
     def runs(self, group: str, case: str) -> bool:
-        """Whether case `group/case` is part of this model's run."""
-        return not self.cases or f"{group}/{case}" in self.cases
+        """Whether case `group/case` is part of this model's run (`cases`, else `STANDARD_CASES`)."""
+        return f"{group}/{case}" in self.cases if self.cases else case in STANDARD_CASES.get(group, ())
 
     def long_cases(self) -> tuple[str, ...]:
         """The long-sequence cases this model runs (`LONG_CASES` unless `cases` names others)."""
