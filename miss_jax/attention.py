@@ -421,6 +421,17 @@ class Flash(Blockwise):
 
 
 Kernel = Union[Blockwise, Sdpa, Flash]
+# `MissModel.set_attn_implementation`'s names (transformers' where they exist); "eager" is the model's own attention
+IMPLEMENTATIONS = ("eager", "blockwise", "sdpa", "flash")
+
+
+def kernel(name: str, block_size: int = 256) -> Optional[Kernel]:
+    """The kernel of an implementation name in `IMPLEMENTATIONS` (None for "eager"); `block_size` goes to
+    "blockwise" and "flash". ValueError naming the choices for another name."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention implementation {name!r}; choose one of {list(IMPLEMENTATIONS)}.")
+    return {"eager": lambda: None, "blockwise": lambda: Blockwise(block_size), "sdpa": Sdpa,
+            "flash": lambda: Flash(block_size)}[name]()
 
 
 def _attention_dropout(module: nn.Module) -> float:

@@ -25,7 +25,7 @@ from flax.core import unfreeze
 from . import adapters, attention, fidelity, generation, linen, losses, nnx, ops, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
-from .programs import ATTN_IMPLEMENTATIONS, ForwardOptions
+from .programs import ForwardOptions
 from .status import MISS_LAYER_TYPE, MODULES_TO_SAVE_TYPE, TunerLayerStatus, TunerModelStatus, platforms
 from .targeting import Layer, resolve_targets, select
 from .tree import Path
@@ -565,11 +565,7 @@ class MissModel:
         Gemma, GPT-2, GPT-Neo, GPT-J and OPT; other families, cross-attention, generation with a KV cache and
         `output_attentions=True` run the model's own attention.
         """
-        if name not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"Unknown attention implementation {name!r}; choose one of {list(ATTN_IMPLEMENTATIONS)}.")
-        kernels = {"eager": lambda: None, "blockwise": lambda: attention.Blockwise(block_size),
-                   "sdpa": attention.Sdpa, "flash": lambda: attention.Flash(block_size)}
-        self.forward_options = dataclasses.replace(self.forward_options, attention=kernels[name]())
+        self.forward_options = dataclasses.replace(self.forward_options, attention=attention.kernel(name, block_size))
 
     # ------------------------------------------------------------------ PEFT's torch-module habits
 

@@ -149,10 +149,6 @@ def dropout_flags(input_names: Sequence[str], rng: jax.Array) -> dict[str, Any]:
     raise ValueError(f"This model's __call__ takes neither `train` nor `deterministic` ({list(input_names)}).")
 
 
-# transformers' own Flax attention, then `miss_jax.attention`'s kernels by name
-ATTN_IMPLEMENTATIONS = ("eager", "blockwise", "sdpa", "flash")
-
-
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
     """How the forward runs (static, part of every compiled program's key); not what it computes.
