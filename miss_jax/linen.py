@@ -13,8 +13,9 @@ pytree of `miss_jax.adapters`, and a `Plan` (static, hashable) says which adapte
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -92,6 +93,10 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
         if not entries:
             return out
         layer = layers[context.module.path]
+        if deterministic or not any(spec.config.miss_dropout for spec, _ in entries):
+            fused = fused_dense(context.module, x, tuple(block for _, block in entries))
+            if fused is not None:
+                return fused
         delta = None
         for spec, block in entries:
             rate = 0.0 if deterministic else spec.config.miss_dropout
@@ -102,6 +107,23 @@ def intercept(plan: Plan, adapter_params: Mapping, deterministic: bool = True) -
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def fused_dense(module: nn.Module, x: jax.Array, blocks: tuple[jax.Array, ...]) -> Optional[jax.Array]:
+    """A plain `nn.Dense`'s call with its balance terms as one `ops.adapted_matmul` (same dtype promotion,
+    precision and bias as `nn.Dense`), `(..., in)` -> `(..., out)`; None where that form does not apply
+    (another layer class, a custom `dot_general`, or `ops.fuses` says no)."""
+    if type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None:
+        return None
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    if kernel is None or kernel.ndim != 2:
+        return None
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    if not ops.fuses(math.prod(x.shape[:-1]), [x.dtype, kernel.dtype, *(b.dtype for b in blocks)]):
+        return None
+    y = ops.adapted_matmul(x, kernel, blocks, module.precision)
+    return y if bias is None else y + bias
 
 
 def apply(

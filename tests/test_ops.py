@@ -241,3 +241,58 @@ def test_ops_match_peft_miss_linear(init_weights: object, in_f: int, out_f: int,
     restored = v.unmerge(merged, block, layout)
     np.testing.assert_allclose(restored, to_layout(layer.base_layer.weight.detach().numpy(), layout),
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the fused balance matmul
+
+
+@pytest.mark.parametrize("in_f,out_f,r", [(10, 6, 4), (12, 9, 3), (8, 12, 8)])
+def test_adapted_matmul_matches_peft_forward_and_gradients(in_f: int, out_f: int, r: int) -> None:
+    """One matmul with the adapted kernel equals PEFT's MissLinear (base + fold(x) @ D): the output, and
+    torch autograd's gradients of the input and the block through our custom VJP."""
+    layer = peft_layer(in_f, out_f, r, True, 1, seed=in_f * r)
+    rng = np.random.default_rng(r)
+    x, g = rand(rng, 2, 5, in_f), rand(rng, 2, 5, out_f)
+    xt = torch.tensor(x, requires_grad=True)
+    out_t = layer(xt)
+    (out_t * torch.tensor(g)).sum().backward()
+    kernel = jnp.asarray(layer.base_layer.weight.detach().numpy().T)
+    bias = jnp.asarray(layer.base_layer.bias.detach().numpy())
+    block = jnp.asarray(layer.miss_block["default"].detach().numpy())
+
+    def loss(x: jax.Array, block: jax.Array) -> jax.Array:
+        return jnp.vdot(ops.adapted_matmul(x, kernel, (block,)) + bias, jnp.asarray(g))
+
+    out = ops.adapted_matmul(jnp.asarray(x), kernel, (block,)) + bias
+    np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
+    dx, dblock = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), block)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dblock, layer.miss_block["default"].grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argnums", [(0,), (1,), (2,), (3,), (2, 3), (0, 1, 2, 3)])
+def test_adapted_matmul_gradients_equal_the_two_matmul_form(argnums: tuple[int, ...]) -> None:
+    """Every subset of perturbed inputs (a frozen kernel is never differentiated; a perturbed one gets
+    `x^T g`), two blocks of different `r` on one kernel, `in % r != 0`."""
+    rng = np.random.default_rng(0)
+    args = tuple(jnp.asarray(a) for a in (rand(rng, 2, 5, 12), rand(rng, 12, 6), rand(rng, 4, 6), rand(rng, 5, 6)))
+    g = jnp.asarray(rand(rng, 2, 5, 6))
+
+    def two(x, k, d1, d2):
+        return x @ k + ops.balance_output(x, d1) + ops.balance_output(x, d2)
+
+    def one(x, k, d1, d2):
+        return ops.adapted_matmul(x, k, (d1, d2))
+
+    np.testing.assert_allclose(one(*args), two(*args), rtol=1e-5, atol=1e-5)
+    want = jax.grad(lambda *a: jnp.vdot(two(*a), g), argnums)(*args)
+    got = jax.jit(jax.grad(lambda *a: jnp.vdot(one(*a), g), argnums))(*args)
+    for w, h in zip(want, got):
+        np.testing.assert_allclose(h, w, rtol=1e-4, atol=1e-4)
+
+
+def test_fuses_needs_enough_rows_and_one_dtype() -> None:
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    assert ops.fuses(ops.FUSED_MIN_ROWS, [f32, f32, f32])
+    assert not ops.fuses(ops.FUSED_MIN_ROWS - 1, [f32, f32, f32])      # decoding: the two-matmul form
+    assert not ops.fuses(ops.FUSED_MIN_ROWS, [bf16, bf16, f32])        # bf16 base, float32 adapter (autocast)
