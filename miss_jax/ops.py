@@ -199,7 +199,10 @@ def _after(kernel: Array, x: Array) -> Array:
     """`kernel`, unchanged, made to depend on `x`: the adapted kernel is then built when its layer runs.
     Without it, XLA:CPU's concurrency-optimised scheduler builds every layer's adapted kernel at the
     program's start and holds them all (an extra copy of every adapted kernel; `optimization_barrier` does
-    not stop it). `isfinite` keeps a NaN in `x` out of the kernel."""
+    not stop it). `isfinite` keeps a NaN in `x` out of the kernel. CPU only, where the hoisting was measured
+    (XLA's memory analysis): on an accelerator one element of a sharded `x` would cost a collective per layer."""
+    if jax.default_backend() != "cpu":
+        return kernel
     return kernel + jnp.isfinite(x.reshape(-1)[0]).astype(kernel.dtype) * jnp.zeros((), kernel.dtype)
 
 
