@@ -11,9 +11,9 @@ state, `jax.device_put`, `nnx.update`), after two things only this module knows:
   `ops.Variant.partition` on the kernel's `out` entry (`ops.out_entry`), as `sharding.block_spec` places Linen
   blocks and `miss_jax.nnx` annotates blocks made under a mesh. balance `(r, out)` axis 1, mini `(r, mini_r)`
   axis 1, bat `(out // r, r, r)` axis 0 take the kernel's `out` entry where their length divides over those
-  mesh axes, else they are replicated; a block whose kernel's `out` axis is replicated (tunix's `down_proj`
-  under TP: its `in` axis is on `tp`) is replicated, and so is one whose kernel spreads `out` over several
-  axes unevenly (`ops.out_entry`).
+  mesh axes, else they are replicated; a block whose kernel's `out` axis is replicated (a kernel annotated
+  on its `in` axis only) is replicated, and so is one whose kernel spreads `out` over several axes unevenly
+  (`ops.out_entry`). Under tunix's default config, q/k/v/gate/up blocks follow `tp`, o/down blocks `fsdp`.
 * every annotated dimension of the model must split over its mesh axes (`check_divides`): a ValueError names
   the variable, its shape and annotation, and the fix (another mesh shape, or the `ShardingConfig` entry),
   before anything moves.

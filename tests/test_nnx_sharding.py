@@ -234,11 +234,12 @@ def test_save_pretrained_of_the_sharded_model_is_the_unsharded_folder(tmp_path):
 def test_a_mesh_that_does_not_divide_is_refused_naming_the_fix():
     model = peft("llama", "balance")
     before = jax.tree.leaves(nnx.state(model))
-    with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj\.base_layer\.w.* dimension 2 does not split over mesh axes "
-                                         r"'tp' \(4 shards\); pick a mesh shape whose axes divide it.*shd_config"):
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj\.base_layer\.w.* dimension 2 does not split "
+                                         r"over mesh axes 'tp' \(4 shards\); pick a mesh shape whose axes divide "
+                                         r"it.*shd_config"):
         NS.shard_model(model, make_mesh((2, 4), NS.TUNIX_AXES))  # 2 kv heads over tp=4
-    with pytest.raises(ValueError, match=r"names mesh axes \['tp', 'fsdp'\].*Build the mesh with the axes the model "
-                                         r"names .*\('fsdp', 'tp'\)"):
+    with pytest.raises(ValueError, match=r"names mesh axes \['tp', 'fsdp'\].*Build the mesh with the axes the "
+                                         r"model names .*\('fsdp', 'tp'\)"):
         NS.shard_model(model, make_mesh((4, 2)))  # axes ("data", "model")
     after = jax.tree.leaves(nnx.state(model))
     assert all(a is b for a, b in zip(before, after))  # nothing moved
