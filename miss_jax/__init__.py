@@ -19,11 +19,12 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   status                                 -- PEFT's layer / model status dataclasses
   train                                  -- optax train step, orbax checkpoints
   sharding                               -- mesh rules, sharded adapters, sharded train step
+  nnx_sharding                           -- NNX models on a mesh by their own annotations (tunix's), a step
 """
 
 from . import (
-    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, rope,
-    sharding, status, targeting, train, tree,
+    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, nnx_sharding, ops, programs,
+    remat, rope, sharding, status, targeting, train, tree,
 )
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
@@ -31,7 +32,7 @@ from .model import MissModel, get_peft_model
 
 __all__ = [
     "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation",
-    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "rope", "sharding", "status",
-    "targeting", "train", "tree",
+    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "nnx_sharding", "ops", "programs", "remat", "rope",
+    "sharding", "status", "targeting", "train", "tree",
 ]
 __version__ = "0.1.0"

@@ -252,20 +252,24 @@ def axis_size(mesh: Mesh, entry: AxisEntry) -> int:
     return math.prod(mesh.shape[n] for n in ops.axis_names(entry))
 
 
-def _check_spec(key: str, spec: P, shape: tuple[int, ...], mesh: Mesh) -> None:
+def check_spec(
+    key: str, spec: P, shape: tuple[int, ...], mesh: Mesh, fix: str = "change the rule for it or the mesh shape"
+) -> None:
+    """ValueError naming `key`, its `shape` and `spec`, and `fix` (what to change) when `spec` has more entries than
+    `shape` has axes, names an axis `mesh` lacks, or a dimension does not split over its mesh axes."""
     if len(spec) > len(shape):
-        raise ValueError(f"Partition spec {spec} for {key!r} has more entries than the param's shape {shape}.")
+        raise ValueError(f"Partition spec {spec} for {key!r} has more entries than the param's shape {shape}; {fix}.")
     for dim, entry in zip(shape, spec):
         unknown = [n for n in ops.axis_names(entry) if n not in mesh.shape]
         if unknown:
             raise ValueError(
-                f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}."
+                f"Partition spec {spec} for {key!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}: {fix}."
             )
         size = axis_size(mesh, entry)
         if dim % size:
             raise ValueError(
                 f"Param {key!r} of shape {shape}: dimension {dim} does not split over mesh axes {entry!r} "
-                f"({size} shards); change the rule for it or the mesh shape."
+                f"({size} shards); {fix}."
             )
 
 
@@ -274,7 +278,7 @@ def spec_for(rules: Rules, path: Path, shape: tuple[int, ...], mesh: Mesh) -> P:
     key = path_str(path)
     for pattern, spec in rules:
         if re.search(pattern, key):
-            _check_spec(key, spec, tuple(shape), mesh)
+            check_spec(key, spec, tuple(shape), mesh)
             return spec
     raise ValueError(
         f"No partition rule matches param {key!r}; add one, or end the rules with ('.*', PartitionSpec()) "
