@@ -114,8 +114,9 @@ def check_saved_modules(specs: Iterable[AdapterSpec]) -> None:
             clash = next((p for p in owner if p[: len(path)] == path or path[: len(p)] == p), None)
             if clash is not None:
                 raise ValueError(
-                    f"Only one adapter can be set at a time for ModulesToSaveWrapper {'.'.join(path)} (PEFT's words): adapters "
-                    f"{owner[clash]!r} and {spec.name!r} both save it. Activate them one at a time."
+                    "Only one adapter can be set at a time for ModulesToSaveWrapper (PEFT's words), the "
+                    f"modules_to_save module {'.'.join(path)}: adapters {owner[clash]!r} and {spec.name!r} both save "
+                    "it. Activate them one at a time."
                 )
             owner[path] = spec.name
 
