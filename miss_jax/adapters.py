@@ -168,7 +168,7 @@ def check_merge_state(
 
 
 def unknown_adapter(name: Any, names: Sequence[str]) -> ValueError:
-    """The error for an adapter name that is not one of `names` (its first words PEFT's)."""
+    """The error for an adapter name that is not one of `names` (with PEFT's words, "Adapter x does not exist")."""
     return ValueError(f"Unknown adapter {name!r} (Adapter {name} does not exist); this model has {list(names)}.")
 
 

@@ -644,6 +644,38 @@ def test_delete_adapter(path, kwargs, activate):
     close(path.run(pm.get_base_model()), torch_run(pt.base_model))
 
 
+@paths()
+def test_add_adapter_rejects_duplicate_name_without_mutation(path):
+    """PEFT runs it with LoRA ("all PEFT methods go through the same add_adapter code path"); here with MiSS."""
+    config = {"target_modules": ["lin0"], "r": 2, "init_weights": False}
+    pt, pm = twin(path, config, "existing")
+    before = path.state(pm)
+    for model, cls in ((pt, peft.MissConfig), (pm, MissConfig)):
+        kept = model.peft_config["existing"]
+        with pytest.raises(ValueError, match="Adapter with name 'existing' already exists"):
+            model.add_adapter("existing", cls(target_modules=["lin0"], r=4, init_weights=False))
+        assert model.peft_config["existing"] is kept
+    same_state(path.state(pm), before, 0, 0)
+
+
+@paths(nnx="miss_jax/nnx.py: active_adapters is a tuple where PEFT gives a list (" + LIFECYCLE[:-2] + ")")
+def test_delete_adapter_with_multiple_adapters_works(path):
+    """PEFT's test (with LoRA there) and its `..._multiple_adapters_with_modules_to_save` twin, with MiSS."""
+    for saved in (None, ["lin1"]):
+        configs = [{"target_modules": ["lin0"], "r": 2, "modules_to_save": saved if i != 1 else None}
+                   for i in range(3)]
+        pt, pm = torch_peft(configs[0], "adapter0"), ours(path, configs[0], "adapter0")
+        for model, cls in ((pt, peft.MissConfig), (pm, MissConfig)):
+            model.add_adapter("adapter1", cls(**configs[1]))
+            model.add_adapter("adapter2", cls(**configs[2]))
+        for name in ("adapter0", "adapter2" if saved is None else "adapter1"):
+            pt.delete_adapter(name)
+            pm.delete_adapter(name)
+            assert pm.active_adapters == pt.active_adapters
+            assert set(path.state(pm)) == set(torch_named(pt))
+            close(path.run(pm), torch_run(pt))
+
+
 DELETE_MERGED = "Cannot delete adapter(s) ['{}'] while they are merged. Please unmerge them first."
 DELETE_MERGED_LINEN = ("miss_jax/model.py: deleting a merged adapter says \"Adapter 'default' is merged; call "
                        "unmerge_adapter() before deleting it.\", not PEFT's \"Cannot delete adapter(s) "
