@@ -1,10 +1,14 @@
 """PEFT's own MiSS tests, ported (issue 23 item 2), on the Linen and the NNX path, against PEFT in the same run.
 
-Source: huggingface/peft `tests/test_custom_models.py` and `tests/testing_common.py` at commit
-5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40: the eight `MissConfig` rows of `TEST_CASES` ("# MiSS #"), the
-generic `TestPeftCustomModel` tests PEFT runs on them, the MiSS rows of `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`
-(`TestMultipleActiveAdapters`), `TestRequiresGrad`'s two MiSS tests, and the tests parametrized over every
-config class (`ALL_PEFT_CONFIG_CLASSES`, which holds `MissConfig`). Every test runs PEFT (the installed
+Source: huggingface/peft `tests/test_custom_models.py`, `tests/testing_common.py` and
+`tests/test_lora_conversion.py` at commit 5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40: the eight `MissConfig` rows
+of `TEST_CASES` ("# MiSS #"), the generic `TestPeftCustomModel` tests PEFT runs on them, the MiSS rows of
+`MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES` (`TestMultipleActiveAdapters`), `TestRequiresGrad`'s two MiSS tests, the
+tests parametrized over every config class (`ALL_PEFT_CONFIG_CLASSES`, which holds `MissConfig`), and
+`TestMissLoraConversion` (Linen only: the NNX path has no twin of PEFT's OPT). `test_decoder_models.py`'s MiSS
+row (`task_type="CAUSAL_LM"`, default targets, r=2, on hub checkpoints) is not ported here: PEFT's generic
+checks run on every tiny transformers family in test_architectures.py, and generate against PEFT's in
+test_generation.py (Linen); the NNX decoder twins are issue 23 item 3's (tunix). Every test runs PEFT (the installed
 0.21.2) on the torch model and miss-jax on its twin (`peft_suite_models`), with the same weights (PEFT's
 random `init_weights=False` blocks are copied into ours), and asserts PEFT's test's assertions on ours and
 that our numbers, names, warnings and errors are PEFT's.
@@ -49,6 +53,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import peft_suite_models as S
+import tiny_models as tm
+from helpers import fill_blocks
+from interop_helpers import torch_twin
 from miss_jax import MissConfig, MissModel, get_peft_model
 from peft_suite_paths import Linen, Nnx, adapter_of
 
@@ -1066,3 +1073,45 @@ def test_requires_grad_miss(path, second):
         for model in (pt, pm):
             model.set_adapter("adapter1")
     check(f"base_model.model.{second}.miss_block.adapter1")
+
+
+# --------------------------------------------------------------------------- TestMissLoraConversion
+# PEFT converts a MiSS model to LoRA (`convert_to_lora(model, rank=4)`, `save_as_lora`); miss-jax writes the LoRA
+# folder itself (`save_pretrained(as_lora=True, lora_rank=4)`), which PEFT loads on the torch twin. PEFT's model is
+# a tiny random OPT: the Linen path's transformers twin (`tiny_models`, "opt"). The NNX path has no OPT twin.
+
+LORA_CONVERSION = {
+    "standard": dict(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]),
+    "mini": dict(r=4, mini_r=2, init_weights="mini", target_modules=["q_proj", "v_proj"]),
+    "bat": dict(r=4, init_weights="bat", target_modules=["q_proj", "v_proj"]),
+}
+IDS = np.arange(10, dtype=np.int32)[None]  # PEFT's inputs: torch.arange(10).view(1, -1)
+
+
+def _last_hidden(out: Any) -> np.ndarray:
+    return np.asarray(out.hidden_states[-1], np.float32)
+
+
+@pytest.mark.parametrize("variant", list(LORA_CONVERSION))
+def test_miss_lora_conversion(variant, tmp_path):
+    pm = get_peft_model(tm.flax_model("opt"), MissConfig(**LORA_CONVERSION[variant]))
+    if variant != "standard":  # PEFT's _randomize_miss_blocks: N(0, 0.01)
+        fill_blocks(pm, "default", 0.01, seed=0)
+    ours_out = _last_hidden(pm(input_ids=IDS, output_hidden_states=True))
+    pm.save_pretrained(str(tmp_path), as_lora=True, lora_rank=4)
+    lora = peft.PeftModel.from_pretrained(torch_twin("opt"), str(tmp_path)).eval()
+    assert lora.peft_config["default"].peft_type == peft.PeftType.LORA
+    # test_miss_targeted_modules_identical: the LoRA factors sit on the MiSS layers, nowhere else
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k.rsplit(".", 2)[0] for k in tensors} == {f"base_model.model.model.decoder.layers.{i}.self_attn.{p}"
+                                                      for i in range(2) for p in ("q_proj", "v_proj")}
+    with torch.inference_mode():
+        theirs = lora(torch.from_numpy(IDS).long(), output_hidden_states=True).hidden_states[-1].numpy()
+    mse = float(np.mean((theirs - ours_out) ** 2))
+    if variant == "bat":  # test_miss_bat_approximate_conversion: the adapter matters, rank 4 approximates it
+        with pm.disable_adapter():
+            base = np.asarray(pm(input_ids=IDS).logits)
+        assert not np.allclose(base, np.asarray(pm(input_ids=IDS).logits), atol=1e-4, rtol=1e-4)
+        assert 0.0 < mse < 0.1
+    else:  # test_miss_standard_exact_conversion / test_miss_mini_exact_conversion
+        assert mse < 1e-5
