@@ -114,8 +114,9 @@ def check_saved_modules(specs: Iterable[AdapterSpec]) -> None:
             clash = next((p for p in owner if p[: len(path)] == path or path[: len(p)] == p), None)
             if clash is not None:
                 raise ValueError(
-                    f"Only one adapter can be set at a time for the modules_to_save module {'.'.join(path)}: adapters "
-                    f"{owner[clash]!r} and {spec.name!r} both save it. Activate them one at a time."
+                    "Only one adapter can be set at a time for ModulesToSaveWrapper (PEFT's words), the "
+                    f"modules_to_save module {'.'.join(path)}: adapters {owner[clash]!r} and {spec.name!r} both save "
+                    "it. Activate them one at a time."
                 )
             owner[path] = spec.name
 
@@ -127,7 +128,7 @@ def check_new_name(adapter_name: Any, existing: Collection[str]) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"Adapter names are non-empty strings, got {adapter_name!r}.")
     if adapter_name in existing:
-        raise ValueError(f"Adapter {adapter_name!r} already exists; choose another name or delete it first.")
+        raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name or delete it first.")
     if adapter_name.startswith(".") or os.sep in adapter_name or (os.altsep or os.sep) in adapter_name:
         raise ValueError(
             f"Adapter name {adapter_name!r} cannot hold a path separator or start with '.': save_pretrained "
@@ -167,8 +168,8 @@ def check_merge_state(
 
 
 def unknown_adapter(name: Any, names: Sequence[str]) -> ValueError:
-    """The error for an adapter name that is not one of `names`."""
-    return ValueError(f"Unknown adapter {name!r}; this model has {list(names)}.")
+    """The error for an adapter name that is not one of `names` (with PEFT's words, "Adapter x does not exist")."""
+    return ValueError(f"Unknown adapter {name!r} (Adapter {name} does not exist); this model has {list(names)}.")
 
 
 class LeafRef(NamedTuple):
