@@ -592,7 +592,8 @@ class MissModel(Lifecycle):
         for path in sorted(by_layer, key=lambda p: order.get(p, len(order))):
             names = by_layer[path]
             leaves = {n: tree.get(self.adapter_params[adapters.MISS][n], path)[adapters.BLOCK] for n in names}
-            yield ".".join(("model",) + path), MISS_LAYER_TYPE, names, [n for n in self.merged_adapters if n in names], leaves
+            merged = [n for n in self.merged_adapters if n in names]
+            yield ".".join(("model",) + path), MISS_LAYER_TYPE, names, merged, leaves
         for path, names in by_module.items():
             leaves = {n: tree.get(self.adapter_params[adapters.MODULES_TO_SAVE][n], path) for n in names}
             yield ".".join(("model",) + path), MODULES_TO_SAVE_TYPE, names, [], leaves
@@ -614,8 +615,8 @@ class MissModel(Lifecycle):
                             name_map: Optional[Any]) -> Union["MissModel", nnx.MissNnxModel]:
         """`from_pretrained`'s model: a `MissModel` for a transformers Flax model, a `MissNnxModel` for an NNX one."""
         if isinstance(model, flax_nnx.Module):
-            return nnx.MissNnxModel._create_from_folder(model, folder, adapter_name, is_trainable, config, params,
-                                                        name_map)
+            return nnx.MissNnxModel.from_pretrained(model, folder, adapter_name, is_trainable, params=params,
+                                                    config=config, name_map=name_map)
         check_model_kind(model)
         if name_map is not None:
             raise ValueError(NAME_MAP_IS_FOR_NNX)
@@ -623,8 +624,8 @@ class MissModel(Lifecycle):
 
 
 def check_model_kind(model: Any) -> None:
-    """TypeError, naming what is accepted, unless `model` is a transformers Flax model (one with `params` or made
-    with `_do_init=False`, and a `__call__`) or a Flax NNX module."""
+    """TypeError, naming what is accepted, unless `model` is a transformers Flax model (a callable with a `config`
+    and a Flax `module`, as `FlaxPreTrainedModel`s have) or a Flax NNX module."""
     if isinstance(model, flax_nnx.Module):
         return
     if not (callable(model) and hasattr(model, "config") and hasattr(model, "module")):
