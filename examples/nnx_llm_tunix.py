@@ -8,10 +8,11 @@
    bytes of UTF-8 text.
 2. Builds tunix's Qwen 3 from that folder (`interop.tunix_models.from_transformers`: RoPE at the folder's
    `rope_theta`, float32, as transformers computes it).
-3. Adds a MiSS adapter (`miss_jax.nnx.get_peft_model`) on every projection, plus a trained copy of
+3. Adds a MiSS adapter (`miss_jax.get_peft_model`) on every projection, plus a trained copy of
    `lm_head` (`modules_to_save`), and trains it a few steps on next-byte prediction over
    `examples/data/fables.txt` with `nnx.Optimizer(..., wrt=peft_model.trainable)`.
-4. Saves the adapter as a PEFT folder through tunix's name map (`interop.nnx_io.TUNIX_QWEN3`) and loads it
+4. Saves the adapter as a PEFT folder (`peft_model.save_pretrained`, through the name map of tunix's Qwen 3,
+   found from the model's class) and loads it (`MissModel.from_pretrained`)
    back into a fresh tunix model (same logits).
 5. When PyTorch is reachable (`--torch-python`, else `$MISS_JAX_TORCH_PYTHON`, else this Python if it has
    torch + transformers + peft), runs `miss-jax check --nnx tunix-qwen3`: `peft.PeftModel.from_pretrained`
@@ -38,11 +39,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from interop import nnx_io  # noqa: E402
 from interop.nnx_check import TORCH_PYTHON_VARIABLE, causal_logits, check_nnx  # noqa: E402
 from interop.tunix_models import from_transformers  # noqa: E402
-from miss_jax import MissConfig  # noqa: E402
-from miss_jax.nnx import get_peft_model  # noqa: E402
+from miss_jax import MissConfig, MissModel, get_peft_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "data", "fables.txt")
@@ -132,10 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     losses = [float(train_step(peft_model, optimizer, jnp.asarray(b))) for b in byte_windows(TEXT, args.seq, 8, args.steps)]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps")
 
-    nnx_io.save_pretrained(peft_model, adapter, nnx_io.TUNIX_QWEN3)
+    peft_model.save_pretrained(adapter)
     print(f"saved the PEFT folder {adapter}")
     probe = byte_windows(TEXT, 16, 2, 1, seed=1)[0, :, :16]
-    reloaded = nnx_io.from_pretrained(from_transformers(base), adapter, nnx_io.TUNIX_QWEN3)
+    reloaded = MissModel.from_pretrained(from_transformers(base), adapter)
     diff = float(np.max(np.abs(causal_logits(reloaded, probe) - causal_logits(peft_model, probe))))
     print(f"reloaded into a fresh tunix model: max |logits diff| = {diff:.2e}")
 

@@ -303,7 +303,7 @@ MiSS cannot load, are checked through the adapter's exact LoRA export (PEFT's Lo
 With --nnx FAMILY the JAX side is an NNX model instead: tunix's Qwen 3 or Llama 3 built from the
 folder (interop.tunix_models.from_transformers: RoPE, dtype and tied head as its config.json says, or
 a refusal naming the field tunix cannot follow), the adapter loaded through
-interop.nnx_io.from_pretrained with that family's name map; the logits are compared. Its PyTorch
+MissModel.from_pretrained with that family's name map; the logits are compared. Its PyTorch
 side runs in --torch-python (default $MISS_JAX_TORCH_PYTHON, else this Python), an interpreter
 with torch, transformers and peft, so tunix (Python >= 3.12) and torch may live in two venvs.
 """

@@ -35,13 +35,13 @@ from typing import Any, Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
-from miss_jax import MissModel, adapters, tree
+from miss_jax import adapters, tree
 from miss_jax.adapters import AdapterSpec
 from miss_jax.targeting import Layer
 from miss_jax.ops import fold_input, to_torch
 
 from . import folder_write, names
-from .state_dict import adapter_config_dict, get_peft_model_state_dict
+from .state_dict import MissModel, adapter_config_dict, get_peft_model_state_dict
 
 _BIAS = {"none": "none", "all": "all", "MiSS_only": "lora_only"}
 # adapter_config.json fields a MiSS adapter passes on to its LoRA export unchanged

@@ -3,7 +3,7 @@
 The JAX side builds the NNX model from a transformers folder (`model.safetensors` in torch layout plus
 `config.json`; `interop.tunix_models.from_transformers`, which makes tunix's model compute the folder's
 PyTorch model or refuses the config) and loads the adapter through
-`interop.nnx_io.from_pretrained` with the model's ready name map. The PyTorch side runs
+`MissModel.from_pretrained(model, folder, name_map=...)` with the model's ready name map. The PyTorch side runs
 `interop/peft_logits.py` as a script in `torch_python` (an interpreter with torch, transformers and peft):
 tunix needs Python >= 3.12 and the newest jax, so the two sides may live in different environments; when
 one environment has everything, `torch_python` is simply `sys.executable`. Both sides see the same random
@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from miss_jax import MissModel
 from miss_jax.nnx import miss_layers
 
-from . import nnx_io
 from .safetensors_io import read_config
 from .torch_ref import DEFAULT_ATOL, CheckResult
 from .tunix_models import FAMILIES, from_transformers, model_config, tunix_modules
@@ -80,7 +80,7 @@ def check_nnx(family_name: str, base_dir: str, adapter_dir: str, atol: Optional[
     tunix_modules(family)  # first: without tunix nothing else can be checked
     read_config(adapter_dir)  # a clear error for a wrong folder before any model is loaded
     hf, _, _ = model_config(family, base_dir)
-    model = nnx_io.from_pretrained(from_transformers(base_dir, family_name), adapter_dir, family.name_map)
+    model = MissModel.from_pretrained(from_transformers(base_dir, family_name), adapter_dir, name_map=family.name_map)
     ids = np.random.default_rng(seed).integers(0, hf["vocab_size"], (batch, seq_len)).astype(np.int64)
     jax_logits = causal_logits(model, ids)
     python = torch_python or os.environ.get(TORCH_PYTHON_VARIABLE) or sys.executable

@@ -1,4 +1,5 @@
-"""PEFT folders for NNX models (`miss_jax.nnx.MissNnxModel`), through a name map.
+"""PEFT folders for NNX models (`miss_jax.nnx.MissNnxModel`, whose `save_pretrained` / `from_pretrained` /
+`load_adapter` call these), through a name map.
 
 An NNX model's layer keys (graph paths, `layers.0.attn.q_proj`) are not its PyTorch twin's module paths
 (`model.layers.0.self_attn.q_proj`). A `NameMap` says how one becomes the other: `(pattern, replacement)`
@@ -17,6 +18,11 @@ they are the NNX keys.
 
 Ready maps for tunix's LLMs: `TUNIX_QWEN3`, `TUNIX_LLAMA3` (`tunix_rules()` registers the layer rule of
 their `Einsum` attention projections); they map the projections, `lm_head`, the embedding and the norms.
+`name_map_for(model)` picks the map of a model's class (identity, `IDENTITY`, for models that are not
+tunix's: their NNX keys are their torch twin's module paths).
+
+This module sits below the model classes: it reads and writes an NNX model's layers (`miss_jax.nnx_layers`)
+and takes the `MissNnxModel` it fills as an argument, never importing it.
 
 >>> TUNIX_QWEN3.torch_name("layers.3.attn.q_proj")
 'model.layers.3.self_attn.q_proj'
@@ -33,19 +39,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from miss_jax import MissConfig, ops
+from miss_jax import ops
 from miss_jax.adapters import match_modules_to_save
+from miss_jax.config import MissConfig
 from miss_jax.layer_rules import KernelRule, einsum_rule, has_rule, register, rule_for
-from miss_jax.nnx import (
-    GraphPath, MissNnxModel, ModulesToSave, bias_leaf, discover, get_peft_model, miss_layers, saved_modules,
-)
+from miss_jax.nnx_layers import GraphPath, ModulesToSave, bias_leaf, discover, miss_layers, saved_modules
 from miss_jax.targeting import Layer, select
 
-from . import folder_write
+from . import folder_write, peft_io
 from . import names as peft_names
 from . import safetensors_io as files
 from .names import BLOCK, PREFIX
-from .peft_io import config_from_json
+
+MissNnxModel = Any  # a `miss_jax.nnx.MissNnxModel`, duck-typed: this module sits below the model classes
 
 
 LEAVES = (("kernel", "weight"), ("w", "weight"), ("scale", "weight"), ("embedding", "weight"),
@@ -83,6 +89,30 @@ _TUNIX_LLM = (
 )
 TUNIX_QWEN3 = NameMap(_TUNIX_LLM)  # tunix.models.qwen3 <-> transformers' Qwen3ForCausalLM
 TUNIX_LLAMA3 = NameMap(_TUNIX_LLM)  # tunix.models.llama3 <-> transformers' LlamaForCausalLM
+IDENTITY = NameMap(((r"(.*)", r"\1"),))  # NNX keys that are the torch twin's module paths already
+CLASS_MAPS = (("tunix.models.qwen3.", TUNIX_QWEN3), ("tunix.models.llama3.", TUNIX_LLAMA3))  # module prefix -> map
+
+
+def name_map_for(model: nnx.Module) -> NameMap:
+    """The name map of `model`'s class: tunix's Qwen 3 / Llama 3 maps (their `Einsum` layer rule registered),
+    `IDENTITY` for models that are not tunix's; ValueError naming the fix for another tunix family.
+
+    >>> name_map_for(nnx.Linear(2, 3, rngs=nnx.Rngs(0))) is IDENTITY
+    True
+    """
+    module = type(model).__module__ + "."
+    for prefix, name_map in CLASS_MAPS:
+        if module.startswith(prefix):
+            tunix_rules()
+            return name_map
+    if module.startswith("tunix."):
+        raise ValueError(
+            f"{type(model).__module__}.{type(model).__name__} has no ready name map (miss-jax has tunix's Qwen 3 and "
+            "Llama 3): pass name_map=interop.nnx_io.NameMap(((nnx key pattern, torch module path), ...)) to "
+            "get_peft_model / from_pretrained, and register the layer rule of its projections "
+            "(miss_jax.layer_rules.register)."
+        )
+    return IDENTITY
 
 
 def tunix_rules() -> None:
@@ -292,8 +322,10 @@ def save_pretrained(peft_model: MissNnxModel, save_directory: str, name_map: Nam
     folder_write.write_adapter_folders(save_directory, folders)
 
 
-def _read(folder: str, is_trainable: bool) -> tuple[MissConfig, dict[str, Any]]:
-    config, legacy = config_from_json(files.read_config(folder))
+def _read(folder: str, is_trainable: bool, config: Optional[MissConfig] = None) -> tuple[MissConfig, dict[str, Any]]:
+    legacy = False
+    if config is None:
+        config, legacy = peft_io.config_from_json(files.read_config(folder))
     tensors = files.read_tensors(folder)
     if legacy:
         tensors = {k.replace(".bone_", ".miss_"): v for k, v in tensors.items()}
@@ -338,8 +370,26 @@ def _plan_saved(model: nnx.Module, config: MissConfig, tensors: dict[str, Any], 
     return copies
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderAdapter:
+    """A PEFT folder's adapter, read for an NNX model: its config for the model (`modules_to_save` as NNX keys),
+    the layers it adapts, the keys of the modules it saves, and its tensors: blocks and biases `{nnx key:
+    array}`, module copies `{nnx key: SavedCopy}`."""
+
+    config: MissConfig
+    layers: tuple[Layer, ...]
+    blocks: Mapping[str, Any]
+    biases: Mapping[str, Any]
+    copies: Mapping[str, SavedCopy]
+
+    @property
+    def saved(self) -> tuple[str, ...]:
+        """The keys of the modules the adapter saves whole."""
+        return tuple(self.copies)
+
+
 def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], name_map: NameMap,
-          folder: str) -> tuple[MissConfig, list[Layer], dict[str, Any], dict[str, Any], dict[str, SavedCopy]]:
+          folder: str) -> FolderAdapter:
     """What a folder's tensors hold for `model`: its config for the NNX model (`modules_to_save` as NNX
     keys), the layers it adapts, their blocks `{nnx key: block}`, its biases `{nnx key: bias}` and its module copies `{nnx key: tensors}`;
     ValueError naming the module for a tensor no layer maps to or a tensor whose shape does not fit."""
@@ -387,12 +437,13 @@ def _plan(model: nnx.Module, config: MissConfig, tensors: Mapping[str, Any], nam
     check_bias_shapes(model, biases, folder)
     _check_coverage(model, config, blocks, biases, tuple(copies), name_map, folder)
     config = dataclasses.replace(config, modules_to_save=tuple(copies) or None)
-    return config, [layers[k] for k in blocks], {k: blocks[k] for k in blocks}, biases, copies
+    return FolderAdapter(config, tuple(layers[k] for k in blocks), blocks, biases, copies)
 
 
-def _fill(peft_model: MissNnxModel, adapter_name: str, blocks: Mapping[str, Any], biases: Mapping[str, Any],
-          copies: Mapping[str, SavedCopy]) -> None:
-    """Writes a loaded adapter's `blocks` `{layer key: block}`, `biases` and module `copies` into the model."""
+def fill(peft_model: MissNnxModel, adapter_name: str, found: FolderAdapter) -> None:
+    """Writes a folder's adapter (`read_adapter`), added to `peft_model` as `adapter_name` with its layers and
+    saved modules, into the model: blocks, biases and module copies."""
+    blocks, biases, copies = found.blocks, found.biases, found.copies
     model = peft_model.base_model
     adapted = miss_layers(model)
     by_key = {".".join(map(str, p)): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
@@ -426,25 +477,20 @@ def check_bias_shapes(model: nnx.Module, biases: Mapping[str, Any], folder: str)
                              f"{None if leaf is None else variable.shape}, the file's: {tuple(value.shape)}).")
 
 
+def read_adapter(model: nnx.Module, folder: str, name_map: NameMap, is_trainable: bool = False,
+                 config: Optional[MissConfig] = None) -> FolderAdapter:
+    """The adapter of PEFT folder `folder` for `model` (through `name_map`), frozen (inference mode) unless
+    `is_trainable`; `config` replaces the folder's `adapter_config.json`. ValueError naming the module for
+    anything that does not fit; nothing is changed."""
+    config, tensors = _read(folder, is_trainable, config)
+    return _plan(model, config, tensors, name_map, folder)
+
+
 def load_adapter(peft_model: MissNnxModel, model_id: str, adapter_name: str, name_map: NameMap,
-                 is_trainable: bool = False) -> None:
-    """Loads the PEFT folder `model_id` as adapter `adapter_name` (not activated, as in PEFT), frozen
-    (`frozen_adapters`) unless `is_trainable`. ValueError, leaving the model unchanged, for anything that does
-    not fit."""
-    config, tensors = _read(model_id, is_trainable)
-    config, layers, blocks, biases, copies = _plan(peft_model.base_model, config, tensors, name_map, model_id)
-    peft_model.add_adapter(adapter_name, config, layers=layers, saved=tuple(copies))
-    _fill(peft_model, adapter_name, blocks, biases, copies)
-
-
-def from_pretrained(model: nnx.Module, model_id: str, name_map: NameMap, adapter_name: str = "default",
-                    is_trainable: bool = False, rngs: Optional[nnx.Rngs] = None) -> MissNnxModel:
-    """A `MissNnxModel` around `model` with the adapter of PEFT folder `model_id`, active (`model` is
-    adapted in place; on error it is left unchanged). `modules_to_save` copies come back as
-    `ModulesToSave` wrappers holding the folder's weights. As PEFT, the adapter is frozen (inference mode: no
-    variable in `trainable`) unless `is_trainable`."""
-    config, tensors = _read(model_id, is_trainable)
-    config, layers, blocks, biases, copies = _plan(model, config, tensors, name_map, model_id)
-    peft_model = get_peft_model(model, config, adapter_name, rngs, layers=layers, saved=tuple(copies))
-    _fill(peft_model, adapter_name, blocks, biases, copies)
-    return peft_model
+                 is_trainable: bool = False, config: Optional[MissConfig] = None) -> None:
+    """Loads the PEFT folder `model_id` as adapter `adapter_name` of `peft_model` (not activated, as in PEFT),
+    frozen (`frozen_adapters`) unless `is_trainable`. ValueError, leaving the model unchanged, for anything
+    that does not fit. (`peft_model.load_adapter(model_id, adapter_name)` calls this with the model's map.)"""
+    found = read_adapter(peft_model.base_model, model_id, name_map, is_trainable, config)
+    peft_model.add_adapter(adapter_name, found.config, layers=found.layers, saved=found.saved)
+    fill(peft_model, adapter_name, found)

@@ -22,12 +22,12 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from miss_jax import MissConfig, MissModel, tree
-from miss_jax.config import PEFT_TYPE, PEFT_VERSION
+from miss_jax import tree
+from miss_jax.config import PEFT_TYPE, PEFT_VERSION, MissConfig
 
 from . import folder_write
 from . import safetensors_io as files
-from .state_dict import adapter_config_dict, get_peft_model_state_dict, listed, set_peft_model_state_dict
+from .state_dict import MissModel, adapter_config_dict, get_peft_model_state_dict, listed, set_peft_model_state_dict
 
 LEGACY_PEFT_TYPE = "BONE"  # MiSS's name in PEFT before 0.17 (Bone was removed in 0.19)
 _LEGACY_BIAS = {"bone_only": "MiSS_only", "Bone_only": "MiSS_only"}

@@ -17,11 +17,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from miss_jax import MissModel, adapters, tree
+from miss_jax import adapters, tree
 from miss_jax.layer_rules import KernelRule
 from miss_jax.tree import Path
 
 from . import names
+
+MissModel = Any  # a `miss_jax.MissModel`, duck-typed: the folder format sits below the model classes
 
 MAX_LISTED = 12  # keys an error message lists before "... and N more"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -22,23 +21,29 @@ import numpy as np
 from flax import nnx as flax_nnx
 from flax.core import unfreeze
 
+from interop import nnx_io, peft_io
+
 from . import adapters, attention, fidelity, generation, linen, losses, nnx, ops, programs, remat, tree
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
+from .lifecycle import Lifecycle, StatusRow
 from .programs import ForwardOptions
-from .status import MISS_LAYER_TYPE, MODULES_TO_SAVE_TYPE, TunerLayerStatus, TunerModelStatus, platforms
+from .status import MISS_LAYER_TYPE, MODULES_TO_SAVE_TYPE
 from .targeting import Layer, resolve_targets, select
 from .tree import Path
 
 PyTree = Any
+NAME_MAP_IS_FOR_NNX = ("name_map= is for Flax NNX models: a transformers Flax model's param paths are its torch "
+                       "module paths already (docs/DESIGN.md §5). Leave it out.")
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
 
 
-class MissModel:
-    """A transformers Flax model with MiSS adapters (PEFT's `PeftModel` + `MissModel` API).
+class MissModel(Lifecycle):
+    """A transformers Flax model with MiSS adapters (PEFT's `PeftModel` + `MissModel` API; the lifecycle is
+    `miss_jax.lifecycle.Lifecycle`'s, shared with the NNX model).
 
     Args:
       model: a transformers 4.x `Flax*` model (e.g. `FlaxLlamaForCausalLM(config)`).
@@ -73,17 +78,14 @@ class MissModel:
         self.model_type: Optional[str] = getattr(getattr(model, "config", None), "model_type", None)
         self.layers: dict[str, Layer] = programs.model_layers(model)
         self.adapter_params: dict = adapters.empty()
-        self.active_adapters: list[str] = []
+        self._init_lifecycle()
         self.merged_adapters: list[str] = []
         self._specs: dict[str, AdapterSpec] = {}
-        self._disabled = False
-        self._frozen: set[str] = set()  # adapters in inference mode (PEFT: requires_grad=False)
         self._rng = jax.random.PRNGKey(seed)
         self.training = False  # `train()` / `eval()`: dropout in `__call__`
         self.forward_options = ForwardOptions()  # gradient checkpointing, attention implementation
         self._signature = inspect.signature(model.__call__)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     # ------------------------------------------------------------------ state
 
@@ -106,19 +108,6 @@ class MissModel:
     def peft_config(self) -> dict[str, MissConfig]:
         """Each adapter's config (targets resolved), by name, in the order they were added."""
         return {name: spec.config for name, spec in self._specs.items()}
-
-    @property
-    def active_adapter(self) -> str:
-        """The first active adapter (PEFT's `active_adapter`)."""
-        if not self.active_adapters:
-            raise ValueError("No adapter is active: every adapter was deleted. Add one with add_adapter().")
-        return self.active_adapters[0]
-
-    @property
-    def frozen_adapters(self) -> tuple[str, ...]:
-        """Adapters in inference mode (PEFT's `requires_grad=False`): loaded with `is_trainable=False`,
-        or set with `inference_mode=True`."""
-        return tuple(n for n in self._specs if n in self._frozen)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -144,14 +133,12 @@ class MissModel:
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, adapter_name: str, config: MissConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`).
+        """Adds an adapter (inactive unless it is the first; activate it with `set_adapter`); as PEFT, one added
+        with `config.inference_mode` is frozen (`frozen_adapters`).
 
         `low_cpu_mem_usage=True` creates it abstractly (shapes only), to be filled by `load_adapter`.
         """
-        if not isinstance(config, MissConfig):
-            raise ValueError(f"Expected a miss_jax.MissConfig, got {type(config).__name__}.")
-        adapters.check_new_name(adapter_name, self._specs)
-        adapters.check_bias_owner(type(self).__name__, self.peft_config, config)
+        self._check_new_adapter(adapter_name, config)
         config = resolve_targets(config, self.layers, self.model_type)
         spec = adapters.make_spec(adapter_name, config, select(config, self.layers), self.params)
         with self.transaction():
@@ -160,90 +147,36 @@ class MissModel:
             biases = {path: tree.get(self.params, path)["bias"] for path in spec.bias_paths}
             self.adapter_params = adapters.with_adapter(self.adapter_params, adapter_name, new, biases)
             self._specs[adapter_name] = spec
-            if config.inference_mode:  # as PEFT: an adapter added in inference mode starts frozen
-                self._frozen = self._frozen | {adapter_name}
+            self._added(adapter_name, config)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
-        """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1).
+    # ------------------------------------------------------------------ the lifecycle's hooks
 
-        As in PEFT, this makes them trainable, or frozen with `inference_mode=True` (the state of adapters
-        loaded with `is_trainable=False`): `trainable_params()` refuses frozen active adapters.
-        """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for n in names:
-            self._spec(n)
-        if len(set(names)) != len(names):
-            raise ValueError(f"Adapter names repeat in {names}.")
-        adapters.check_saved_modules(self._specs[n] for n in names)
-        if not self._disabled:
-            adapters.check_merge_state(self._layer_variants(), names, self.merged_adapters, "set_adapter")
-        self.active_adapters = names
-        self._frozen = (self._frozen | set(names)) if inference_mode else (self._frozen - set(names))
+    def _saved_paths(self, adapter_name: str) -> tuple[Path, ...]:
+        return self._specs[adapter_name].saved_modules
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Runs the base model inside the context (merged adapters are unmerged, then merged back)."""
-        merged = list(self.merged_adapters)
-        if merged:
-            self.unmerge_adapter()
-        was = self._disabled
-        self._disabled = True
-        try:
-            yield
-        finally:
-            self._disabled = was
-            if merged:
-                self.merge_adapter(merged)
+    def _check_activation(self, names: Sequence[str]) -> None:
+        adapters.check_merge_state(self._layer_variants(), names, self.merged_adapters, "set_adapter")
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Deletes an adapter and its params (it must not be merged). Biases it trained stay, written into the
-        base params, as PEFT (which trains biases in place) keeps them."""
-        self._spec(adapter_name)
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+    def _sync(self) -> None:
+        """Nothing to push: the forward reads the state through `plan`."""
+
+    def _drop(self, adapter_name: str) -> None:
+        """Removes the adapter's spec and params; biases it trained are written into the base params."""
         with self.transaction():
             del self._specs[adapter_name]
-            self._frozen = self._frozen - {adapter_name}
             still = {p for s in self._specs.values() for p in s.bias_paths}
             trained = {k: v for k, v in tree.flatten(self.adapter_params[adapters.BIAS]).items() if k[:-1] not in still}
             self.params = tree.replace_leaves(self.params, trained)
             self.adapter_params = adapters.without_adapter(self.adapter_params, adapter_name, still)
-            if adapter_name in self.active_adapters:  # as PEFT: the other active ones, else the first by name
-                remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self._specs)[:1]
-                if remaining and len(self.active_adapters) == 1:
-                    warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
-                                  f"to {remaining[0]}.")
-                self.set_adapter(remaining)
 
-    # ------------------------------------------------------------------ merging
-
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Merges adapters (default: the active ones) into the base params.
-
-        `safe_merge=True` first checks that each adapter's blocks are finite and, for bat, that `I + B` is
-        well conditioned (condition number <= `ops.MAX_UNMERGE_CONDITION`, so that unmerging restores the
-        base weights), then that every merged kernel is finite; otherwise the model is left unmerged.
-        Without it, an ill-conditioned bat adapter merges, and `unmerge_adapter` then refuses to write
-        NaN into the base weights (or restores them with that conditioning's loss of precision).
-
-        A merge never changes what the model computes: one that would leave an active bat adapter unmerged on
-        a layer whose kernel then holds an additive adapter (bat(W + dW) instead of bat(W) + dW) is refused
-        (`adapters.MergeStateError`, naming the adapters to merge together).
-        """
-        self._merge(adapter_names, safe_merge, check=True)
-
-    def _merge(self, adapter_names: Optional[Sequence[str]], safe_merge: bool, check: bool) -> None:
-        """`merge_adapter`; `check=False` skips `adapters.check_merge_state` (for `merge_and_unload`)."""
-        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
-        for n in names:
-            self._spec(n)
-        plan = self.plan
-        todo = tuple(n for n in names if n not in self.merged_adapters)
-        if len(todo) < len(names):
-            warnings.warn(f"Already merged: {[n for n in names if n in self.merged_adapters]}; skipping them.")
+    def _merge(self, todo: Sequence[str], safe_merge: bool, check: bool) -> None:
+        """Merges the unmerged adapters `todo` into `params` (`linen.merge`); `check=False` skips
+        `adapters.check_merge_state` (for `merge_and_unload`). `safe_merge`: see `merge_adapter`."""
+        todo = tuple(todo)
         if not todo:
             return
         self.require_weights(todo)
+        plan = self.plan
         if safe_merge:
             linen.check_mergeable(plan, self.adapter_params, todo)
         variants = {n: s.config.variant for n, s in self._specs.items()}
@@ -267,15 +200,7 @@ class MissModel:
                 out.setdefault(layer.key, {})[name] = spec.config.variant
         return out
 
-    def unmerge_adapter(self) -> None:
-        """Takes every merged adapter out of the base params (bat through the inverse of `I + B`).
-
-        Refuses, leaving the model merged, when that would write NaN or inf into the base weights (a bat
-        adapter with a singular `I + B`; `merge_adapter(safe_merge=True)` refuses such adapters up front).
-        """
-        if not self.merged_adapters:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
+    def _unmerge(self) -> None:
         names = tuple(self.merged_adapters)
         new = self._merged(self.params, names, -1)
         linen.check_finite(new, self.plan, names, action="unmerging")
@@ -315,7 +240,8 @@ class MissModel:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         except adapters.MergeStateError:  # PEFT's result (the named adapters merged, the others dropped) ...
             before = (self.params, self.merged_adapters)
-            self._merge(adapter_names, safe_merge, check=False)
+            names = self._names(self.active_adapters if adapter_names is None else adapter_names)
+            self._merge([n for n in names if n not in self.merged_adapters], safe_merge, check=False)
             try:
                 return self.unload(return_params=return_params)
             finally:  # ... while this model, which could not stay so merged, is left as it was
@@ -429,11 +355,6 @@ class MissModel:
         trainable = adapters.trainable(self.adapter_params, every_active)
         frozen = adapters.frozen_part(trainable, every_active, [a for a in active if a in self._frozen])
         return tree.count(trainable) - tree.count(frozen), total
-
-    def print_trainable_parameters(self) -> None:
-        """Prints PEFT's line: trainable params, all params, trainable%."""
-        t, a = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
     def require_weights(self, names: Sequence[str]) -> None:
         """Raises if one of the adapters `names` was created with `low_cpu_mem_usage=True` and not loaded yet."""
@@ -579,12 +500,6 @@ class MissModel:
         """Evaluation mode (the default of a new model, as transformers' Flax models): no dropout in `__call__`."""
         return self.train(False)
 
-    def get_base_model(self) -> Any:
-        """The wrapped transformers Flax model (PEFT's `get_base_model`). Its own `.params` are the base
-        params it was made with: the adapters live in this object (`unload()` / `merge_and_unload()` give a
-        plain model with them applied)."""
-        return self.base_model
-
     @property
     def config(self) -> Any:
         """The wrapped model's config (`peft_model.config`, as in PEFT)."""
@@ -661,190 +576,64 @@ class MissModel:
             lines.append("  adapters disabled (disable_adapter_layers)")
         return "\n".join(lines + [")"])
 
-    # ------------------------------------------------------------------ PEFT's status and switches
+    # ------------------------------------------------------------------ status, generation, folders
 
-    def requires_grad(self, adapter_name: str) -> bool:
-        """Whether adapter `adapter_name` trains (PEFT's `requires_grad` of its params): active, not frozen, and
-        adapters not disabled (`disable_adapter_layers` freezes them, as PEFT's). miss-jax trains active
-        adapters only."""
-        self._spec(adapter_name)
-        return not self._disabled and adapter_name in self.active_adapters and adapter_name not in self._frozen
-
-    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
-        """Unfreezes (`requires_grad=True`) or freezes (False: inference mode) adapters, as PEFT's.
-
-        miss-jax trains active adapters only, so unfreezing an inactive adapter is refused, naming
-        `set_adapter` (PEFT would count it trainable although no forward uses it).
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            self._spec(n)
-        inactive = [n for n in names if n not in self.active_adapters]
-        if requires_grad and inactive:
-            raise ValueError(
-                f"Adapters {inactive} are not active: miss-jax trains active adapters only. Call "
-                f"set_adapter({(self.active_adapters + inactive)!r}) to activate (and unfreeze) them."
-            )
-        self._frozen = (self._frozen - set(names)) if requires_grad else (self._frozen | set(names))
-
-    def disable_adapter_layers(self) -> None:
-        """Turns every adapter off in place (PEFT's): the model computes the base model until
-        `enable_adapter_layers()`. Merged adapters are unmerged first, as PEFT's layers do."""
-        for name in self.active_adapters:
-            bias = self._specs[name].config.bias
-            if bias != "none":
-                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
-                              "produce the same output as the base model would without adaption.")
-        if self.merged_adapters:
-            self.unmerge_adapter()
-        self._disabled = True
-
-    def enable_adapter_layers(self) -> None:
-        """Turns the adapters back on after `disable_adapter_layers()`."""
-        self._disabled = False
-
-    def get_layer_status(self) -> list["TunerLayerStatus"]:
-        """One `TunerLayerStatus` per adapted layer, then per `modules_to_save` module (PEFT's
-        `get_layer_status`; `name` is PEFT's module name, `model.<torch module path>`)."""
+    def _status_rows(self) -> Iterator[StatusRow]:
+        """Each adapted layer (in the model's order), then each `modules_to_save` module; PEFT's module names
+        are `model.<torch module path>`, the Flax path here (docs/DESIGN.md §5)."""
         by_layer: dict[Path, list[str]] = {}
+        by_module: dict[Path, list[str]] = {}
         for name, spec in self._specs.items():
             for layer in spec.layers:
                 by_layer.setdefault(layer.path, []).append(name)
-        by_module: dict[Path, list[str]] = {}
-        for name, spec in self._specs.items():
             for path in spec.saved_modules:
                 by_module.setdefault(path, []).append(name)
         order = {layer.path: i for i, layer in enumerate(self.layers.values())}
-        out = []
         for path in sorted(by_layer, key=lambda p: order.get(p, len(order))):
             names = by_layer[path]
             leaves = {n: tree.get(self.adapter_params[adapters.MISS][n], path)[adapters.BLOCK] for n in names}
-            out.append(self._status(path, MISS_LAYER_TYPE, names, [n for n in self.merged_adapters if n in names],
-                                    leaves))
+            merged = [n for n in self.merged_adapters if n in names]
+            yield ".".join(("model",) + path), MISS_LAYER_TYPE, names, merged, leaves
         for path, names in by_module.items():
             leaves = {n: tree.get(self.adapter_params[adapters.MODULES_TO_SAVE][n], path) for n in names}
-            out.append(self._status(path, MODULES_TO_SAVE_TYPE, names, [], leaves))
-        return out
-
-    def _status(self, path: Path, module_type: str, names: list[str], merged: list[str],
-                leaves: Mapping[str, PyTree]) -> "TunerLayerStatus":
-        return TunerLayerStatus(
-            name=".".join(("model",) + path),
-            module_type=module_type,
-            enabled=not self._disabled,
-            active_adapters=list(self.active_adapters),
-            merged_adapters=merged,
-            requires_grad={n: self.requires_grad(n) for n in names},
-            available_adapters=sorted(names),
-            devices={n: platforms(leaves[n]) for n in names},
-            quantization_backend=None,
-        )
-
-    def get_model_status(self) -> "TunerModelStatus":
-        """PEFT's `get_model_status`: types, parameter counts and the adapters' state over all layers.
-
-        Each layer agrees with the model (one switch for all), so no field is ever `"irregular"`.
-        """
-        layers = self.get_layer_status()
-        trainable, total = self.get_nb_trainable_parameters()
-        devices: dict[str, set[str]] = {}
-        for status in layers:
-            for n, d in status.devices.items():
-                devices.setdefault(n, set()).update(d)
-        return TunerModelStatus(
-            base_model_type=type(self.base_model).__name__,
-            adapter_model_type=type(self).__name__,
-            peft_types={n: spec.config.peft_type for n, spec in self._specs.items()},
-            trainable_params=trainable,
-            total_params=total,
-            num_adapter_layers=len(layers),
-            enabled=not self._disabled,
-            active_adapters=list(self.active_adapters),
-            merged_adapters=sorted(self.merged_adapters),
-            requires_grad={n: self.requires_grad(n) for n in sorted({n for s in layers for n in s.requires_grad})},
-            available_adapters=sorted(self._specs),
-            devices={n: sorted(d) for n, d in devices.items()},
-            quantization_backend=None,
-        )
+            yield ".".join(("model",) + path), MODULES_TO_SAVE_TYPE, names, [], leaves
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Generates with the active adapters (see `miss_jax.generation.generate`)."""
         return generation.generate(self, *args, **kwargs)
 
-    # ------------------------------------------------------------------ PEFT folders (interop)
+    def _save_folders(self, save_directory: str, selected: list[str], is_main_process: bool, dtype: Optional[Any],
+                      as_lora: bool, lora_rank: Optional[Union[int, float]]) -> Optional[dict[str, Any]]:
+        return peft_io.save_pretrained(self, save_directory, selected, True, is_main_process, dtype, as_lora, lora_rank)
 
-    def save_pretrained(
-        self,
-        save_directory: str,
-        selected_adapters: Optional[Sequence[str]] = None,
-        safe_serialization: bool = True,
-        is_main_process: bool = True,
-        dtype: Optional[Any] = jnp.float32,
-        as_lora: bool = False,
-        lora_rank: Optional[Union[int, float]] = None,
-        save_embedding_layers: Union[str, bool] = "auto",
-        path_initial_model_for_weight_conversion: Optional[str] = None,
-        **kwargs: Any,
-    ) -> Optional[dict[str, Any]]:
-        """Writes adapters as PEFT folders: `default` at the root, the others in sub-folders named after them,
-        and PEFT's model card (`README.md`) unless the folder has one.
-
-        Args:
-          save_directory: the folder (created if needed).
-          selected_adapters: the adapters to save (default: all).
-          safe_serialization: must be True (safetensors; miss-jax never writes pickles).
-          is_main_process: write only if True. Multi-host: call it on every process with
-            `jax.process_index() == 0`; shards other processes hold are gathered, and the other processes
-            build no host copies.
-          dtype: tensor dtype in the file (default float32, as PEFT); None keeps each tensor's dtype.
-          as_lora: write PEFT LoRA folders instead (for vLLM and other LoRA-only servers): exact for
-            balance/mini at rank r, an SVD for bat (see `interop.lora`).
-          lora_rank: with `as_lora`, PEFT's `convert_to_lora` rank: an int (bat's SVD rank), or a float in
-            (0, 1] (bat keeps the fewest singular values holding that share of the energy); balance/mini
-            are exact at r whatever it is. Default: exact (bat at full rank).
-          save_embedding_layers, path_initial_model_for_weight_conversion, **kwargs: PEFT's; what MiSS has
-            no use for is refused naming what to do instead (see `interop.peft_io.save_pretrained`).
-
-        Returns:
-          None, or with `as_lora` on the main process the `LoraReport` of each adapter.
-        """
-        from interop import save_pretrained
-
-        return save_pretrained(self, save_directory, selected_adapters, safe_serialization, is_main_process, dtype,
-                               as_lora, lora_rank, save_embedding_layers=save_embedding_layers,
-                               path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
-                               **kwargs)
-
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     subfolder: Optional[str] = None, **kwargs: Any) -> None:
-        """Loads the PEFT folder `model_id` (or its `subfolder`; torch-made folders too) as adapter
-        `adapter_name`, not activated (as in PEFT). `is_trainable=False` loads it frozen (inference mode).
-        On any error the model is left unchanged. PEFT's other keywords (`config`, `torch_device`,
-        `autocast_adapter_dtype`, `low_cpu_mem_usage`, ...): see `interop.peft_io.load_adapter`."""
-        from interop import load_adapter
-
-        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, subfolder=subfolder, **kwargs)
+    def _load_folder(self, folder: str, adapter_name: str, is_trainable: bool, config: Optional[MissConfig]) -> None:
+        peft_io.load_adapter(self, folder, adapter_name, is_trainable=is_trainable, config=config)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: Any,
-        model_id: str,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        subfolder: Optional[str] = None,
-        params: Optional[Mapping] = None,
-        **kwargs: Any,
-    ) -> "MissModel":
-        """Wraps `model` with the adapter stored in the PEFT folder `model_id` (or its `subfolder`), active.
+    def _create_from_folder(cls, model: Any, folder: str, adapter_name: str, is_trainable: bool,
+                            config: Optional[MissConfig], params: Optional[Mapping],
+                            name_map: Optional[Any]) -> Union["MissModel", nnx.MissNnxModel]:
+        """`from_pretrained`'s model: a `MissModel` for a transformers Flax model, a `MissNnxModel` for an NNX one."""
+        if isinstance(model, flax_nnx.Module):
+            return nnx.MissNnxModel.from_pretrained(model, folder, adapter_name, is_trainable, params=params,
+                                                    config=config, name_map=name_map)
+        check_model_kind(model)
+        if name_map is not None:
+            raise ValueError(NAME_MAP_IS_FOR_NNX)
+        return peft_io.from_pretrained(cls, model, folder, adapter_name, is_trainable, None, params, config=config)
 
-        `is_trainable=False` loads it frozen (inference mode) and in `eval()` mode, as PEFT; `params` as in
-        `MissModel`. PEFT's other keywords (`config`, `autocast_adapter_dtype`, `low_cpu_mem_usage`, ...):
-        see `interop.peft_io.from_pretrained`.
-        """
-        from interop import from_pretrained
 
-        return from_pretrained(cls, model, model_id, adapter_name, is_trainable, subfolder, params, **kwargs)
+def check_model_kind(model: Any) -> None:
+    """TypeError, naming what is accepted, unless `model` is a transformers Flax model (a callable with a `config`
+    and a Flax `module`, as `FlaxPreTrainedModel`s have) or a Flax NNX module."""
+    if isinstance(model, flax_nnx.Module):
+        return
+    if not (callable(model) and hasattr(model, "config") and hasattr(model, "module")):
+        raise TypeError(
+            f"miss-jax adapts a transformers Flax model (e.g. FlaxLlamaForCausalLM) or a Flax NNX module "
+            f"(flax.nnx.Module: tunix's LLMs, your own); got a {type(model).__module__}.{type(model).__name__}. "
+            "A PyTorch model belongs to PEFT itself; load its weights into a Flax model first."
+        )
 
 
 def get_peft_model(
@@ -855,14 +644,21 @@ def get_peft_model(
     params: Optional[Mapping] = None,
     low_cpu_mem_usage: bool = False,
     seed: int = 0,
-) -> Union[MissModel, "nnx.MissNnxModel"]:
-    """PEFT's entry point: wraps a transformers Flax model with a MiSS adapter (see `MissModel` for the args),
-    or adapts a Flax NNX model in place (`miss_jax.nnx.get_peft_model`, seeded with `nnx.Rngs(seed)`)."""
+    name_map: Optional[nnx_io.NameMap] = None,
+) -> Union[MissModel, nnx.MissNnxModel]:
+    """PEFT's entry point, for both kinds of Flax model: a `MissModel` around a transformers Flax model (see
+    `MissModel` for the args), or a `MissNnxModel` around a Flax NNX module, adapted in place (seeded with
+    `nnx.Rngs(seed)`; `name_map`: how its keys become torch module paths in PEFT folders, default the map of
+    its class: `interop.nnx_io.name_map_for`). TypeError, changing nothing, for any other model."""
+    check_model_kind(model)
     if isinstance(model, flax_nnx.Module):
-        if params is not None or low_cpu_mem_usage:
+        if params is not None:
             raise ValueError(
-                "An NNX model holds its own weights: `params=` and `low_cpu_mem_usage=` are for transformers' Flax "
-                "models. Call get_peft_model(nnx_model, config, adapter_name)."
+                "An NNX model holds its own weights: `params=` is for transformers' Flax models made with "
+                "_do_init=False. Call get_peft_model(nnx_model, config, adapter_name)."
             )
-        return nnx.get_peft_model(model, peft_config, adapter_name, rngs=flax_nnx.Rngs(seed))
+        return nnx.MissNnxModel(model, peft_config, adapter_name, flax_nnx.Rngs(seed), name_map=name_map,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
+    if name_map is not None:
+        raise ValueError(NAME_MAP_IS_FOR_NNX)
     return MissModel(model, peft_config, adapter_name, params=params, low_cpu_mem_usage=low_cpu_mem_usage, seed=seed)

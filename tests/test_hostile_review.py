@@ -22,7 +22,7 @@ from helpers import fill_blocks, logits, snapshot
 from interop import nnx_io
 from interop import safetensors_io as files
 from interop.cli import main
-from miss_jax import MissConfig, get_peft_model, losses, programs
+from miss_jax import MissConfig, MissModel, get_peft_model, losses, programs
 from miss_jax import train as T
 from miss_jax.adapters import MergeStateError
 from miss_jax.nnx import get_peft_model as nnx_peft_model
@@ -174,7 +174,7 @@ def test_nnx_refuses_the_same_merge_with_the_same_rule():
     unmerged = pm(NNX_X)
     with pytest.raises(MergeStateError, match=r"bat\(W \+ dW\)"):
         pm.merge_adapter(["default"])
-    assert pm.merged_adapters == ()
+    assert pm.merged_adapters == []
     np.testing.assert_allclose(pm(NNX_X), unmerged, atol=0)
     pm.merge_adapter(["default", "bat"])
     np.testing.assert_allclose(pm(NNX_X), unmerged, atol=1e-5)
@@ -247,7 +247,7 @@ def test_nnx_loader_refuses_a_bias_its_config_does_not_train(nnx_folder, tmp_pat
     folder = _edited(nnx_folder, tmp_path / "biased", lambda t: t.__setitem__(key, np.full(16, 7.0, np.float32)))
     model = nnx_base()
     with pytest.raises(ValueError, match=r"a bias for \['layers.0.q_proj'\].*bias='none'"):
-        nnx_io.from_pretrained(model, folder, MAP)
+        MissModel.from_pretrained(model, folder, name_map=MAP)
     np.testing.assert_allclose(model(NNX_X), nnx_base()(NNX_X), atol=0)
 
 
@@ -260,7 +260,7 @@ def test_nnx_loader_refuses_a_folder_missing_targeted_blocks(nnx_folder, tmp_pat
     assert list(pm.adapters) == ["default"]
     every = _edited(nnx_folder, tmp_path / "empty", lambda t: [t.pop(k) for k in list(t)])
     with pytest.raises(ValueError, match="no miss_block for"):
-        nnx_io.from_pretrained(nnx_base(), every, MAP)
+        MissModel.from_pretrained(nnx_base(), every, name_map=MAP)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.bool_])

@@ -1,14 +1,13 @@
 """The project's structure, checked on its source: no private name crosses a module boundary, `interop` uses
-only `miss_jax`'s public API (and `miss_jax` only `interop`'s entry points), and docs/DESIGN.md's dependency
-diagram is exactly the import graph."""
+only `miss_jax`'s public API, the PEFT folder format sits one floor below the adapter lifecycle (the
+lifecycle imports it at the top of its modules; it never reaches a model class), and docs/DESIGN.md's
+dependency diagram is exactly the import graph."""
 
 from __future__ import annotations
 
 import ast
 import os
 import re
-
-import interop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("miss_jax", "interop")
@@ -76,14 +75,6 @@ def project_imports(tree: ast.Module, package: str) -> set[tuple[str, str]]:
     return out
 
 
-def test_miss_jax_knows_only_interop_entry_points() -> None:
-    used = set()
-    for path, tree in sources().items():
-        if path.startswith("miss_jax"):
-            used |= {(m, n) for m, n in project_imports(tree, "miss_jax") if m.startswith("interop")}
-    assert used and all(m == "interop" and n in interop.__all__ for m, n in used), used
-
-
 def import_graph() -> dict[str, set[str]]:
     """`{module: project modules it imports}` for miss_jax and interop (package `__init__`s left out); a
     name imported from a package itself (`from miss_jax import MissModel`) counts as the package."""
@@ -146,3 +137,53 @@ def test_interop_uses_only_public_miss_jax_names() -> None:
             for m, n in project_imports(tree, "interop") if m.startswith("miss_jax")}
     bad = {(m, n) for m, n in used if (n if m == "miss_jax" else m.split(".")[1]) not in miss_jax.__all__}
     assert used and bad == set()
+
+
+# The PEFT folder format: reads and writes adapter pytrees, NNX layers and adapter_config.json; below the lifecycle.
+FOLDER_FORMAT = {"interop.peft_io", "interop.nnx_io", "interop.state_dict", "interop.names", "interop.lora",
+                 "interop.safetensors_io", "interop.folder_write"}
+# The lifecycle and what builds on the model classes.
+LIFECYCLE = {"miss_jax.lifecycle", "miss_jax.model", "miss_jax.nnx", "miss_jax.nnx_generation", "miss_jax.train",
+             "miss_jax.sharding"}
+
+
+def reachable_from(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """Every module some module of `starts` imports, directly or not."""
+    seen: set[str] = set()
+    todo = [d for s in starts for d in graph.get(s, ())]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, ())
+    return seen
+
+
+def test_the_folder_format_sits_below_the_lifecycle() -> None:
+    graph = import_graph()
+    assert FOLDER_FORMAT <= set(graph) and LIFECYCLE <= set(graph)
+    below = reachable_from(graph, FOLDER_FORMAT)
+    # `miss_jax` itself (its __init__) imports the model classes: the folder format names its modules instead
+    assert below & (LIFECYCLE | {"miss_jax"}) == set(), below & (LIFECYCLE | {"miss_jax"})
+    used = {d for m, deps in graph.items() if m.startswith("miss_jax") for d in deps if d.startswith("interop")}
+    assert used and used <= FOLDER_FORMAT, used - FOLDER_FORMAT
+    assert {"interop.peft_io", "interop.nnx_io"} <= reachable_from(graph, {"miss_jax.model", "miss_jax.nnx"})
+
+
+def lazy_imports(tree: ast.Module) -> list[str]:
+    """The imports of project modules made inside functions (`def f(): from interop import x`)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                names = ([inner.module or ""] if isinstance(inner, ast.ImportFrom) and not inner.level else
+                         [a.name for a in inner.names] if isinstance(inner, ast.Import) else [])
+                found += [f"line {inner.lineno}: {n}" for n in names if n.split(".")[0] in PACKAGES]
+    return found
+
+
+def test_miss_jax_imports_interop_at_the_top_of_its_modules() -> None:
+    lazy = {path: found for path, tree in sources().items() if path.startswith("miss_jax")
+            and (found := [f for f in lazy_imports(tree) if "interop" in f])}
+    assert lazy == {}
+    assert lazy_imports(ast.parse("def f():\n    from interop import peft_io\n")) == ["line 2: interop"]

@@ -322,7 +322,7 @@ def test_several_adapters_compose_like_linen_and_merge():
         for n in ("mini", "default"))
     np.testing.assert_allclose(layer(x), want, atol=1e-5)
     pm.merge_adapter()
-    assert pm.merged_adapters == ("default", "bat", "mini")
+    assert pm.merged_adapters == ["default", "bat", "mini"]
     np.testing.assert_allclose(pm(X), y, atol=1e-5)
     with pm.disable_adapter():
         np.testing.assert_allclose(pm(X), base_model()(X), atol=1e-5)

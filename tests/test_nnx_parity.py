@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from interop import nnx_io
-from miss_jax import MissConfig, adapters
+from miss_jax import MissConfig, MissModel, adapters
 from miss_jax.nnx import get_peft_model, saved_modules
 from test_nnx import X, base_model, randomize
 from test_nnx_peft import SAVE_MAP, torch_twin
@@ -54,7 +54,7 @@ def test_adapters_with_disjoint_modules_to_save_are_active_together(tmp_path):
     want = torch_out(pm.eval())
     pm.save_pretrained(str(tmp_path))
 
-    nnx_pm = nnx_io.from_pretrained(base_model(), str(tmp_path), SAVE_MAP)
+    nnx_pm = MissModel.from_pretrained(base_model(), str(tmp_path), name_map=SAVE_MAP)
     nnx_io.load_adapter(nnx_pm, str(tmp_path / "b"), "b", SAVE_MAP)
     alone = np.asarray(nnx_pm(X))
     nnx_pm.set_adapter(["default", "b"])
@@ -81,7 +81,7 @@ def test_overlapping_modules_to_save_are_refused_and_change_nothing():
     before = params(nnx_pm)
     with pytest.raises(ValueError, match=r"modules_to_save module up_proj: adapters 'default' and 'b' both save it"):
         nnx_pm.set_adapter(["default", "c", "b"])
-    assert nnx_pm.active_adapters == ("default",) and nnx_pm.frozen_adapters == ("default",)
+    assert nnx_pm.active_adapters == ["default"] and nnx_pm.frozen_adapters == ("default",)
     assert nnx_pm.base_model.up_proj.active == "default" and nnx_pm.base_model.layers[0].norm.active is None
     np.testing.assert_array_equal(nnx_pm(X), y)
     assert all(np.array_equal(a, b) for a, b in zip(before, params(nnx_pm)))
@@ -104,7 +104,7 @@ def test_is_trainable_false_loads_frozen_as_peft(tmp_path, bias):
         want, total = torch_pm.get_nb_trainable_parameters()
         biases = sum(p.numel() for n, p in torch_pm.named_parameters() if p.requires_grad and n.endswith(".bias")
                      and "modules_to_save" not in n)
-        nnx_pm = nnx_io.from_pretrained(base_model(), str(tmp_path), SAVE_MAP, is_trainable=trainable)
+        nnx_pm = MissModel.from_pretrained(base_model(), str(tmp_path), name_map=SAVE_MAP, is_trainable=trainable)
         assert nnx_pm.get_nb_trainable_parameters() == ((want, total) if trainable else (want - biases, total))
         assert nnx_pm.frozen_adapters == (() if trainable else ("default",))
     assert want > 0 and (biases > 0) == (bias != "none")
@@ -143,7 +143,7 @@ def test_frozen_adapters_do_not_train_and_set_requires_grad():
     assert pm.frozen_adapters == ("b",) and pm.get_nb_trainable_parameters()[0] == blocks + biases + copy
     pm.set_adapter(["default", "b"], inference_mode=True)
     pm.delete_adapter("b")  # as PEFT: the remaining active adapter trains
-    assert pm.active_adapters == ("default",) and pm.frozen_adapters == ()
+    assert pm.active_adapters == ["default"] and pm.frozen_adapters == ()
 
 
 # --------------------------------------------------------------------------- 3. one modules_to_save rule
@@ -209,7 +209,7 @@ def test_endswith_rule_through_peft_folders(tmp_path):
     pm = peft.get_peft_model(heads()[0], peft.MissConfig(**HEADS))
     randomize_peft(pm, 1)
     pm.save_pretrained(str(tmp_path / "torch"))
-    loaded = nnx_io.from_pretrained(heads()[1], str(tmp_path / "torch"), IDENTITY)
+    loaded = MissModel.from_pretrained(heads()[1], str(tmp_path / "torch"), name_map=IDENTITY)
     assert sorted(saved_modules(loaded.base_model)) == ["lm_head", "my_lm_head"]
     np.testing.assert_allclose(loaded(XH), torch_out(pm.eval(), XH), atol=1e-5)
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from interop import nnx_io
 from interop import safetensors_io as files
-from miss_jax import MissConfig
+from miss_jax import MissConfig, MissModel
 from miss_jax.nnx import get_peft_model, miss_layers
 from test_nnx import X, base_model, randomize
 
@@ -31,7 +31,7 @@ def test_round_trip_keys_and_logits(tmp_path, init):
     assert "base_model.model.model.layers.1.self_attn.v_proj.miss_block" in keys
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias" in keys
     assert files.read_config(str(tmp_path))["target_modules"] == ["q_proj", "v_proj"]
-    loaded = nnx_io.from_pretrained(base_model(), str(tmp_path), MAP)
+    loaded = MissModel.from_pretrained(base_model(), str(tmp_path), name_map=MAP)
     np.testing.assert_allclose(loaded(X), y, atol=1e-6)
     with pytest.raises(ValueError, match="supports only 1 adapter with bias"):  # PEFT's rule: one bias adapter
         nnx_io.load_adapter(loaded, str(tmp_path), "again", MAP)
@@ -60,9 +60,9 @@ def test_bad_maps_and_folders_raise_and_change_nothing(tmp_path):
     wrong = nnx_io.NameMap(((r"layers\.(\d+)\.(q|k|v|o)_proj", r"model.layers.\1.self_attn.\2_proj"),
                             (r"up_proj", r"model.mlp.down_proj"), (r"down_proj", r"model.mlp.up_proj")))
     with pytest.raises(ValueError, match=r"miss_block for down_proj .* is \(4, 18\), but that layer .* needs \(4, 16\)"):
-        nnx_io.from_pretrained(model, folder, wrong)
+        MissModel.from_pretrained(model, folder, name_map=wrong)
     with pytest.raises(ValueError, match=r"name modules no NNX layer maps to.*Fix the name map"):
-        nnx_io.from_pretrained(model, folder, nnx_io.NameMap(MAP.rules[:1]))
+        MissModel.from_pretrained(model, folder, name_map=nnx_io.NameMap(MAP.rules[:1]))
     assert miss_layers(model) == {}
     np.testing.assert_allclose(model(X), base_model()(X), atol=0)
     before = len(jax.tree.leaves(nnx.state(pm, nnx.Param)))
@@ -151,7 +151,7 @@ def test_modules_to_save_from_pytorch_peft_into_nnx(tmp_path):
     assert "base_model.model.model.mlp.up_proj.weight" in files.read_tensors(str(tmp_path))
     with torch.no_grad():
         want = pm(torch.tensor(np.asarray(X))).numpy()
-    loaded = nnx_io.from_pretrained(base_model(), str(tmp_path), SAVE_MAP)
+    loaded = MissModel.from_pretrained(base_model(), str(tmp_path), name_map=SAVE_MAP)
     assert sorted(loaded.adapters["default"].saved) == ["layers.0.norm", "layers.1.norm", "up_proj"]
     np.testing.assert_allclose(loaded(X), want, atol=1e-5)
     with loaded.disable_adapter():
@@ -176,7 +176,7 @@ def test_modules_to_save_from_nnx_into_pytorch_peft(tmp_path):
         got = torch_pm(torch.tensor(np.asarray(X))).numpy()
     assert np.abs(got - np.asarray(base_model()(X))).max() > 1e-3
     np.testing.assert_allclose(got, pm(X), atol=1e-5)
-    again = nnx_io.from_pretrained(base_model(), str(tmp_path), SAVE_MAP)
+    again = MissModel.from_pretrained(base_model(), str(tmp_path), name_map=SAVE_MAP)
     np.testing.assert_allclose(again(X), pm(X), atol=1e-6)
 
 
@@ -202,7 +202,7 @@ def test_bad_modules_to_save_folders_raise_and_change_nothing(tmp_path):
         damage(damaged)
         files.write_tensors(os.path.join(bad, "adapter_model.safetensors"), damaged)
         with pytest.raises(ValueError, match=message):
-            nnx_io.from_pretrained(model, bad, SAVE_MAP)
+            MissModel.from_pretrained(model, bad, name_map=SAVE_MAP)
     assert miss_layers(model) == {} and type(model.up_proj).__name__ == "Linear"
     np.testing.assert_allclose(model(X), base_model()(X), atol=0)
 
@@ -238,6 +238,6 @@ def test_a_saved_conv_copy_is_stored_as_torchs_conv_weight(tmp_path):
         torch_conv.bias.copy_(torch.tensor(np.asarray(bias)))
         want = torch_conv(torch.tensor(np.asarray(x)).transpose(1, 2)).transpose(1, 2).numpy()
     np.testing.assert_allclose(want, pm.base_model.conv(x), atol=1e-5)  # the (trained) copy
-    loaded = nnx_io.from_pretrained(ConvNet(0), str(tmp_path), conv_map)
+    loaded = MissModel.from_pretrained(ConvNet(0), str(tmp_path), name_map=conv_map)
     assert np.abs(np.asarray(pm(x)) - np.asarray(ConvNet(0)(x))).max() > 1e-3
     np.testing.assert_allclose(loaded(x), pm(x), atol=1e-6)

@@ -21,7 +21,7 @@ from flax import nnx
 from interop import nnx_io
 from interop import safetensors_io as files
 from interop.cli import main
-from miss_jax import MissConfig
+from miss_jax import MissConfig, MissModel
 from miss_jax.nnx import get_peft_model, miss_layers
 
 tunix_qwen3 = pytest.importorskip("tunix.models.qwen3.model")
@@ -83,7 +83,7 @@ def test_twins_agree_without_adapters(arch, twins):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_pytorch_peft_adapter_loads_into_tunix(arch, variant, twins):
     folder = twins[arch]
-    model = nnx_io.from_pretrained(tunix_model(arch, folder), f"{folder}/{variant}", ARCHS[arch][2])
+    model = MissModel.from_pretrained(tunix_model(arch, folder), f"{folder}/{variant}", name_map=ARCHS[arch][2])
     assert len(miss_layers(model.base_model)) == 2 * len(TARGETS)
     want = np.load(f"{folder}/{variant}.npy")
     assert np.abs(want - np.load(f"{folder}/base.npy")).max() > 1e-3  # the adapter changes the logits
@@ -125,7 +125,7 @@ def test_adapter_trained_in_jax_loads_in_pytorch_peft(arch, twins, tmp_path):
 def test_pytorch_peft_modules_to_save_load_into_tunix(arch, twins):
     """PEFT's copies of lm_head, embed_tokens and every norm become the tunix model's `ModulesToSave` copies."""
     folder = twins[arch]
-    model = nnx_io.from_pretrained(tunix_model(arch, folder), f"{folder}/saved", ARCHS[arch][2])
+    model = MissModel.from_pretrained(tunix_model(arch, folder), f"{folder}/saved", name_map=ARCHS[arch][2])
     saved = model.adapters["default"].saved
     assert {"lm_head", "embedder", "final_norm", "layers.1.post_attention_layernorm"} <= set(saved)
     assert ("layers.0.attn.q_norm" in saved) == (arch == "qwen3")
@@ -164,8 +164,8 @@ def test_tunix_modules_to_save_load_in_pytorch_peft(arch, twins, tmp_path):
     want = logits(model)
     assert np.abs(want - np.load(f"{folder}/base.npy")).max() > 1e-3
     np.testing.assert_allclose(np.load(out + ".npy"), want, atol=1e-4)
-    np.testing.assert_allclose(logits(nnx_io.from_pretrained(tunix_model(arch, folder), out, ARCHS[arch][2])), want,
-                               atol=1e-5)
+    again = MissModel.from_pretrained(tunix_model(arch, folder), out, name_map=ARCHS[arch][2])
+    np.testing.assert_allclose(logits(again), want, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- miss-jax check --nnx
@@ -229,3 +229,29 @@ def test_the_tunix_example_trains_saves_and_matches_pytorch(tmp_path):
     assert "reloaded into a fresh tunix model: max |logits diff| = 0.00e+00" in done.stdout
     assert "OK: largest difference" in done.stdout and "peft-miss" in done.stdout
     assert files.read_config(str(tmp_path / "adapter"))["modules_to_save"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_one_entry_point_on_tunix_finds_the_map_saves_loads_and_generates(arch, twins, tmp_path):
+    """`miss_jax.get_peft_model` on a tunix model finds its name map from its class; the model's own
+    `save_pretrained` / `MissModel.from_pretrained` round-trip it, and greedy `generate` follows the argmax of
+    the adapted logits."""
+    import miss_jax
+
+    folder = twins[arch]
+    pm = miss_jax.get_peft_model(tunix_model(arch, folder), MissConfig(r=4, init_weights="bat", target_modules=TARGETS))
+    assert pm.name_map is ARCHS[arch][2]
+    blocks = nnx.state(pm, pm.trainable)
+    nnx.update(pm, jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(4), a.shape), blocks))
+    want = logits(pm)
+    assert np.abs(want - np.load(f"{folder}/base.npy")).max() > 1e-3
+    pm.save_pretrained(str(tmp_path))
+    again = MissModel.from_pretrained(tunix_model(arch, folder), str(tmp_path))
+    np.testing.assert_allclose(logits(again), want, atol=1e-5)
+    ids = IDS[:, :4]
+    for _ in range(3):
+        b, t = ids.shape
+        out, _ = again(jnp.asarray(ids), jnp.broadcast_to(jnp.arange(t), (b, t)), None,
+                       jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)))
+        ids = np.concatenate([ids, np.argmax(np.asarray(out)[:, -1], -1)[:, None]], 1)
+    np.testing.assert_array_equal(again.generate(IDS[:, :4], max_new_tokens=3).sequences, ids)

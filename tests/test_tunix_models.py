@@ -21,7 +21,7 @@ from interop import nnx_io
 from interop.cli import main
 from interop.nnx_check import causal_logits
 from interop.tunix_models import from_transformers
-from miss_jax import MissConfig
+from miss_jax import MissConfig, MissModel
 from miss_jax.nnx import get_peft_model, miss_layers
 from real_checkpoint import smollm2_folder
 
@@ -70,7 +70,7 @@ def test_config_fields_are_honoured(case, twins):
     model = from_transformers(f"{folder}/base")
     assert hasattr(model, "lm_head") != bool(fields.get("tie_word_embeddings"))
     np.testing.assert_allclose(causal_logits(model, IDS), np.load(f"{folder}/base.npy"), atol=1e-4)
-    peft_model = nnx_io.from_pretrained(model, f"{folder}/adapter", NAME_MAPS[arch])
+    peft_model = MissModel.from_pretrained(model, f"{folder}/adapter", name_map=NAME_MAPS[arch])
     assert len(miss_layers(peft_model.base_model)) == 2 * len(TARGETS)
     np.testing.assert_allclose(causal_logits(peft_model, IDS), np.load(f"{folder}/adapter.npy"), atol=1e-4)
 
@@ -141,7 +141,7 @@ def test_real_checkpoint_config_is_what_the_issue_describes(real):
 def test_real_checkpoint_pytorch_adapter_gives_pytorch_logits_and_tokens(real, adapter):
     base, out = real
     prompt = np.load(f"{out}/prompt.npy")
-    model = nnx_io.from_pretrained(from_transformers(base), f"{out}/{adapter}", nnx_io.TUNIX_LLAMA3)
+    model = MissModel.from_pretrained(from_transformers(base), f"{out}/{adapter}", name_map=nnx_io.TUNIX_LLAMA3)
     want = np.load(f"{out}/{adapter}.npy")
     assert np.abs(want).max() > 20  # logits at the scale of a real model
     np.testing.assert_allclose(causal_logits(model, prompt), want, atol=2e-3)
