@@ -9,6 +9,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   adapters                               -- adapter specs, the static Plan, the adapter pytree
   linen                                  -- the functional Linen transform (apply, overlay, merge)
   nnx                                    -- the NNX transform and PEFT's model for NNX (get_peft_model)
+  nnx_variables                          -- which NNX params train, by type (nnx.LoRAParam: tunix's PeftTrainer)
   layer_rules                            -- which NNX layers MiSS adapts, and their kernels' in/out axes
   losses                                 -- losses for train steps (causal LM, classification, chunked)
   attention, remat                       -- blockwise attention and gradient checkpointing (long sequences)
@@ -22,8 +23,8 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
 """
 
 from . import (
-    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, ops, programs, remat, rope,
-    sharding, status, targeting, train, tree,
+    adapters, attention, config, fidelity, generation, layer_rules, linen, losses, nnx, nnx_variables, ops, programs,
+    remat, rope, sharding, status, targeting, train, tree,
 )
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
@@ -31,7 +32,7 @@ from .model import MissModel, get_peft_model
 
 __all__ = [
     "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation",
-    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "ops", "programs", "remat", "rope", "sharding", "status",
-    "targeting", "train", "tree",
+    "get_peft_model", "layer_rules", "linen", "losses", "nnx", "nnx_variables", "ops", "programs", "remat", "rope",
+    "sharding", "status", "targeting", "train", "tree",
 ]
 __version__ = "0.1.0"

@@ -4,7 +4,8 @@ The maths is `miss_jax.ops`; which layers are adapted follows PEFT's matching ru
 (`miss_jax.targeting`) on a layer's key, its path in the NNX graph joined by `.` (`layers.0.attn.q_proj`);
 which layers can be adapted, and how their kernels map to `(in, out)`, is `miss_jax.layer_rules`
 (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`, bridged Linen `Dense` / `DenseGeneral`, and
-registered einsum-style modules such as tunix's). Adapter blocks are `MissParam` variables.
+registered einsum-style modules such as tunix's). Adapter blocks are `MissParam` (`nnx.LoRAParam`)
+variables; a `MissNnxModel` makes every param it does not train an `nnx.Param` (`miss_jax.nnx_variables`).
 
 Two levels:
 
@@ -66,15 +67,12 @@ from jax.sharding import PartitionSpec as P
 from . import adapters, ops
 from .config import MissConfig
 from .layer_rules import KernelRule, has_rule, rule_for
+from .nnx_variables import MissParam, mark_trainable
 from .targeting import Layer, matches, resolve_targets, select
 
 M = TypeVar("M", bound=nnx.Module)
 GraphPath = tuple[Union[str, int], ...]
 DEFAULT = "default"
-
-
-class MissParam(nnx.Param):
-    """The variable type of MiSS blocks: filter on it to train adapters only (`wrt=MissParam`)."""
 
 
 def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant, block: jax.Array) -> MissParam:
@@ -666,6 +664,11 @@ class MissNnxModel(nnx.Module):
         """Marks adapters `names` trainable or frozen."""
         self.adapters = {n: dataclasses.replace(a, trainable=trainable) if n in names else a
                          for n, a in self.adapters.items()}
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """What trains becomes `nnx.LoRAParam`, every other param `nnx.Param` (tunix's PeftTrainer: nnx_variables)."""
+        mark_trainable(self, self._filter(self._trainable_paths(), check_merged=False))
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Activates one adapter or several (their terms combine, see docs/DESIGN.md §1).
@@ -708,6 +711,7 @@ class MissNnxModel(nnx.Module):
         for wrapper in saved_modules(self.base_model).values():
             wrapper.active = next((a for a in self.active_adapters if a in wrapper.modules_to_save), None)
             wrapper.disabled = self.disabled
+        self._mark_trainable()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -783,8 +787,11 @@ class MissNnxModel(nnx.Module):
             layer.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False) -> nnx.Module:
-        """The base model with the active adapters merged and the wrappers removed (in place)."""
-        return merge_and_unload(self.base_model, safe_merge)
+        """The base model with the active adapters merged and the wrappers removed (in place); its params are all
+        `nnx.Param` again."""
+        model = merge_and_unload(self.base_model, safe_merge)
+        mark_trainable(model, lambda path, variable: False)
+        return model
 
     # ------------------------------------------------------------------ training
 
