@@ -111,8 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = peft_trainer.PeftTrainer(model, optax.adamw(args.lr), training).with_gen_model_input_fn(model_inputs)
     start = trainer.train_steps  # > 0: resumed from tunix's checkpoint of an earlier run
     trainer.train(training_inputs(byte_windows(TEXT, args.seq, 4, 2 * args.steps)))
-    losses = [float(x) for x in trainer.metrics_logger.get_metric_history("", "loss", "train")]
-    if losses:
+    logger = trainer.metrics_logger
+    losses = logger.get_metric_history("", "loss", "train") if logger.metric_exists("", "loss", "train") else []
+    if len(losses):
         print(f"PeftTrainer: loss {losses[0]:.3f} -> {losses[-1]:.3f} over steps {start}..{trainer.train_steps}")
     else:
         print(f"PeftTrainer: resumed at step {start}; nothing left to train")

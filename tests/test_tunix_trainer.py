@@ -13,13 +13,13 @@ import subprocess
 import sys
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-tunix_llama3 = pytest.importorskip("tunix.models.llama3.model")
+pytest.importorskip("tunix.sft.peft_trainer")
 import orbax.checkpoint as ocp  # noqa: E402
 from tunix.generate.sampler import CacheConfig, Sampler  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
@@ -34,15 +34,15 @@ from real_checkpoint import smollm2_folder  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
+import nnx_llm_tunix  # noqa: E402
 import tunix_train  # noqa: E402
 
 TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
 TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DIMS = dict(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2,
-            rope_theta=1_000_000, norm_eps=1e-6)  # torch_twin.COMMON
 PROMPT = [1, 5, 9, 14, 3, 60, 22, 7]  # torch_twin.IDS[0]: no token is the pad id
 NEW_TOKENS = 8
+nnx_io.tunix_rules()  # tunix's Einsum layers: their kernels' in / out axes
 
 
 class IdTokenizer(tunix_train.ByteTokenizer):
@@ -55,18 +55,27 @@ class IdTokenizer(tunix_train.ByteTokenizer):
         return " ".join(map(str, ids))
 
 
-def tiny(seed: int = 0) -> MissNnxModel:
-    """A random tiny tunix Llama 3 with adapter 'default' (every projection + a copy of lm_head), active and
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> str:
+    """A tiny random Qwen 3 as a transformers folder (`examples/nnx_llm_tunix.py`'s, written with NumPy)."""
+    folder = str(tmp_path_factory.mktemp("qwen3"))
+    nnx_llm_tunix.write_qwen3_folder(folder)
+    return folder
+
+
+def tiny(folder: str) -> MissNnxModel:
+    """tunix's Qwen 3 of `folder` with adapter 'default' (every projection + a copy of lm_head), active and
     trainable, and adapter 'other' (q_proj), inactive."""
-    base = tunix_llama3.Llama3(tunix_llama3.ModelConfig(**DIMS, weight_tying=False), rngs=nnx.Rngs(seed))
-    model = get_peft_model(base, MissConfig(r=4, target_modules=TARGETS, modules_to_save=["lm_head"]))
+    model = get_peft_model(from_transformers(folder), MissConfig(r=4, target_modules=TARGETS,
+                                                                 modules_to_save=["lm_head"]))
     model.add_adapter("other", MissConfig(r=4, target_modules=["q_proj"]))
     return model
 
 
 def batches(n: int, batch: int, seed: int = 0, length: int = 12) -> np.ndarray:
-    """`(n, batch, length)` random token ids."""
-    return np.random.default_rng(seed).integers(1, DIMS["vocab_size"], (n, batch, length)).astype(np.int32)
+    """`(n, batch, length)` random token ids of the tiny Qwen 3."""
+    vocab = nnx_llm_tunix.DIMS["vocab_size"]
+    return np.random.default_rng(seed).integers(1, vocab, (n, batch, length)).astype(np.int32)
 
 
 def trainer(model: nnx.Module, tx: optax.GradientTransformation, **config: Any) -> peft_trainer.PeftTrainer:
@@ -89,21 +98,25 @@ def selected_paths(model: MissNnxModel) -> set[tuple]:
     return {p for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Param) and trainable(p, node)}
 
 
-def sample(model: nnx.Module, prompt: list[int], new_tokens: int, **kwargs: Any) -> Any:
-    """tunix's `Sampler` on `model` (a tunix LLM, here adapted in place), greedy, prompt unpadded."""
+def sampler(model: nnx.Module, cache_size: int = 32) -> Sampler:
+    """tunix's `Sampler` on `model` (a tunix LLM, here adapted in place) with token ids as text."""
     config = model.config
-    cache = CacheConfig(cache_size=2 * (len(prompt) + new_tokens), num_layers=config.num_layers,
-                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
-    sampler = Sampler(model, IdTokenizer(), cache)
-    return sampler([" ".join(map(str, prompt))], max_generation_steps=new_tokens, max_prompt_length=len(prompt),
-                   **kwargs)
+    cache = CacheConfig(cache_size=cache_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+                        head_dim=config.head_dim)
+    return Sampler(model, IdTokenizer(), cache)
+
+
+def sample(model: nnx.Module, prompt: list[int], new_tokens: int, **kwargs: Any) -> Any:
+    """Greedy tokens of tunix's `Sampler` on `model` after `prompt` (unpadded)."""
+    return sampler(model, 2 * (len(prompt) + new_tokens))(
+        [" ".join(map(str, prompt))], max_generation_steps=new_tokens, max_prompt_length=len(prompt), **kwargs)
 
 
 # --------------------------------------------------------------------------- which variables are LoRA params
 
 
-def test_trainable_variables_are_exactly_the_lora_params_through_the_lifecycle(tmp_path):
-    model = tiny()
+def test_trainable_variables_are_exactly_the_lora_params_through_the_lifecycle(qwen3, tmp_path):
+    model = tiny(qwen3)
     default = lora_paths(model)
     assert default == selected_paths(model) and sft_utils.is_lora_enabled(model)
     found = keys(default)
@@ -128,12 +141,10 @@ def test_trainable_variables_are_exactly_the_lora_params_through_the_lifecycle(t
     assert lora_paths(model) == default
 
     folder = str(tmp_path / "adapter")
-    nnx_io.save_pretrained(model, folder, nnx_io.TUNIX_LLAMA3)
-    fresh = tunix_llama3.Llama3(tunix_llama3.ModelConfig(**DIMS, weight_tying=False), rngs=nnx.Rngs(0))
-    frozen = nnx_io.from_pretrained(fresh, folder, nnx_io.TUNIX_LLAMA3)  # PEFT: loaded frozen by default
+    nnx_io.save_pretrained(model, folder, nnx_io.TUNIX_QWEN3)
+    frozen = nnx_io.from_pretrained(from_transformers(qwen3), folder, nnx_io.TUNIX_QWEN3)  # PEFT: frozen by default
     assert frozen.frozen_adapters == ("default",) and not lora_paths(frozen)
-    fresh = tunix_llama3.Llama3(tunix_llama3.ModelConfig(**DIMS, weight_tying=False), rngs=nnx.Rngs(0))
-    loaded = nnx_io.from_pretrained(fresh, folder, nnx_io.TUNIX_LLAMA3, is_trainable=True)
+    loaded = nnx_io.from_pretrained(from_transformers(qwen3), folder, nnx_io.TUNIX_QWEN3, is_trainable=True)
     assert keys(lora_paths(loaded)) == keys(default)
 
     plain = model.merge_and_unload()
@@ -148,7 +159,7 @@ def test_plain_apply_miss_blocks_are_lora_params_and_other_param_classes_keep_th
         def __init__(self, rngs: nnx.Rngs):
             self.proj = nnx.Linear(8, 8, rngs=rngs)
             self.head = nnx.Sequential(nnx.Linear(8, 8, rngs=rngs))
-            self.head.gain = Gain(np.ones(8, np.float32))
+            self.head.gain = Gain(jnp.ones(8))
 
     assert MissParam is nnx.LoRAParam
     plain = apply_miss(Net(nnx.Rngs(0)), MissConfig(r=2, target_modules=["proj"]), nnx.Rngs(1))
@@ -165,11 +176,11 @@ def test_plain_apply_miss_blocks_are_lora_params_and_other_param_classes_keep_th
 # --------------------------------------------------------------------------- PeftTrainer
 
 
-def test_peft_trainer_moves_only_the_miss_variables_and_the_sampler_takes_them():
+def test_peft_trainer_moves_only_the_miss_variables_and_the_sampler_takes_them(qwen3):
     """AdamW with weight decay moves every variable it is given: only the active adapter's blocks and its lm_head
     copy move; the base weights, the original lm_head and the inactive adapter's blocks stay bit-equal."""
-    model = tiny()
-    sampler_before = Sampler(model.base_model, IdTokenizer(), CacheConfig(32, 2, 2, 8))
+    model = tiny(qwen3)
+    sampler_before = sampler(model.base_model)
     before = tunix_train.params(model)
     trainer(model, optax.adamw(1e-2, weight_decay=0.1), max_steps=3).train(
         tunix_train.training_inputs(batches(3, 2)))
@@ -181,18 +192,17 @@ def test_peft_trainer_moves_only_the_miss_variables_and_the_sampler_takes_them()
     # tunix's weight sync (RL): a sampler built before training takes the trained LoRA params, and only those
     sampler_before.transformer_state = nnx.state(model.base_model, nnx.LoRAParam)
     prompt = [" ".join(map(str, PROMPT))]
-    got = sampler_before(prompt, max_generation_steps=4, return_logits=True)
-    want = Sampler(model.base_model, IdTokenizer(), CacheConfig(32, 2, 2, 8))(prompt, max_generation_steps=4,
-                                                                            return_logits=True)
+    got = sampler_before(prompt, max_generation_steps=NEW_TOKENS, return_logprobs=True)
+    want = sampler(model.base_model)(prompt, max_generation_steps=NEW_TOKENS, return_logprobs=True)
     np.testing.assert_array_equal(got.tokens[0], want.tokens[0])
-    np.testing.assert_allclose(got.logits[0], want.logits[0], atol=1e-6)
+    np.testing.assert_allclose(got.logprobs[0], want.logprobs[0], atol=1e-6)
 
 
-def test_gradient_accumulation_equals_the_larger_batch():
+def test_gradient_accumulation_equals_the_larger_batch(qwen3):
     """SGD over 2 micro-batches of 2 accumulated = one step on the batch of 4 (tunix's loss is a per-token mean,
     and every micro-batch has as many tokens)."""
     micro = batches(2, 2)
-    accumulated, large, half = tiny(), tiny(), tiny()
+    accumulated, large, half = tiny(qwen3), tiny(qwen3), tiny(qwen3)
     start = tunix_train.params(large)
     trainer(accumulated, optax.sgd(0.5), max_steps=1, gradient_accumulation_steps=2).train(
         tunix_train.training_inputs(micro))
@@ -205,20 +215,22 @@ def test_gradient_accumulation_equals_the_larger_batch():
     assert max(np.abs(c[p] - b[p]).max() for p in c) > 1e-4  # one micro-batch alone is another step
 
 
-def test_checkpoint_of_the_lora_params_resumes_as_if_uninterrupted(tmp_path):
+@pytest.mark.slow
+def test_checkpoint_of_the_lora_params_resumes_as_if_uninterrupted(qwen3, tmp_path):
     data = tunix_train.training_inputs(batches(8, 2))
     options = dict(gradient_accumulation_steps=2, checkpoint_root_directory=str(tmp_path),
                    checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=10))
-    uninterrupted = tiny()
+    uninterrupted = tiny(qwen3)
     trainer(uninterrupted, optax.adam(1e-2), max_steps=4, gradient_accumulation_steps=2).train(data)
 
-    first = tiny()
+    first = tiny(qwen3)
     trainer(first, optax.adam(1e-2), max_steps=2, **options).train(data)
-    saved = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "2" / "model_params"))
-    flat = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
-    assert len(flat) == len(lora_paths(first)) and all("miss_block" in k or "modules_to_save" in k for k in flat)
+    with open(tmp_path / "2" / "model_params" / "_METADATA", encoding="utf-8") as f:  # orbax's tree of the item
+        saved = list(json.load(f)["tree_metadata"])
+    assert len(saved) == len(lora_paths(first)) == 2 * len(TARGETS) + 1  # the LoRA params only, no base weight
+    assert all("'default'" in k and ("miss_block" in k or "modules_to_save" in k) for k in saved), saved
 
-    resumed = tiny()
+    resumed = tiny(qwen3)
     resuming = trainer(resumed, optax.adam(1e-2), max_steps=4, **options)
     assert resuming.train_steps == 2
     for p, value in tunix_train.params(first).items():  # restored: the LoRA params; the base is resumed's own
@@ -257,11 +269,11 @@ def test_sampler_greedy_tokens_equal_pytorch_peft_generate(twin, adapter):
     every norm."""
     model = nnx_io.from_pretrained(from_transformers(f"{twin}/base"), f"{twin}/{adapter}", nnx_io.TUNIX_LLAMA3)
     assert not model.merged_adapters
-    got = sample(model.base_model, PROMPT, NEW_TOKENS, return_logits=True)
+    got = sample(model.base_model, PROMPT, NEW_TOKENS, return_logprobs=True)
     np.testing.assert_array_equal(got.tokens[0], np.load(f"{twin}/{adapter}.generate.npy")[0])
     with model.disable_adapter():
-        base = sample(model.base_model, PROMPT, NEW_TOKENS, return_logits=True)
-    assert np.abs(np.asarray(got.logits[0]) - np.asarray(base.logits[0])).max() > 1e-3  # the adapter counts
+        base = sample(model.base_model, PROMPT, NEW_TOKENS, return_logprobs=True)
+    assert np.abs(np.subtract(got.logprobs[0], base.logprobs[0])).max() > 1e-3  # the adapter counts
 
 
 @pytest.mark.real
