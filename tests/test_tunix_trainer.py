@@ -297,6 +297,7 @@ def test_real_checkpoint_sampler_greedy_tokens_equal_pytorch_peft_generate(tmp_p
 # --------------------------------------------------------------------------- examples/tunix_train.py
 
 
+@pytest.mark.slow
 def test_the_example_trains_samples_saves_and_resumes(tmp_path, capsys):
     if not TORCH_PYTHON:
         pytest.fail("set MISS_JAX_TORCH_PYTHON to a Python with torch + transformers + peft (make test-modern does)")
