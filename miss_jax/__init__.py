@@ -12,6 +12,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   nnx_layers                             -- the NNX transform: MissLinear, ModulesToSave, apply_miss
   nnx                                    -- PEFT's model for NNX (MissNnxModel)
   nnx_generation                         -- MissNnxModel.generate
+  nnx_variables                          -- which NNX params train, by type (nnx.LoRAParam: tunix's PeftTrainer)
   layer_rules                            -- which NNX layers MiSS adapts, and their kernels' in/out axes
   losses                                 -- losses for train steps (causal LM, classification, chunked)
   attention, remat                       -- blockwise attention and gradient checkpointing (long sequences)
@@ -27,7 +28,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
 
 from . import (
     adapters, attention, config, fidelity, generation, layer_rules, lifecycle, linen, losses, nnx, nnx_generation,
-    nnx_layers, nnx_sharding, ops, programs, remat, rope, sharding, status, targeting, train, tree,
+    nnx_layers, nnx_sharding, nnx_variables, ops, programs, remat, rope, sharding, status, targeting, train, tree,
 )
 from .adapters import AdapterSpec, Plan
 from .config import MissConfig
@@ -36,6 +37,7 @@ from .model import MissModel, get_peft_model
 __all__ = [
     "AdapterSpec", "MissConfig", "MissModel", "Plan", "adapters", "attention", "config", "fidelity", "generation",
     "get_peft_model", "layer_rules", "lifecycle", "linen", "losses", "nnx", "nnx_generation", "nnx_layers",
-    "nnx_sharding", "ops", "programs", "remat", "rope", "sharding", "status", "targeting", "train", "tree",
+    "nnx_sharding", "nnx_variables", "ops", "programs", "remat", "rope", "sharding", "status", "targeting", "train",
+    "tree",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from interop import nnx_io
 from . import adapters, nnx_generation
 from .config import MissConfig
 from .lifecycle import Lifecycle, StatusRow
+from .nnx_variables import mark_trainable
 from .nnx_layers import (  # noqa: F401  (the layer-level API, re-exported)
     DEFAULT, GraphPath, MissLinear, MissParam, ModulesToSave, apply_miss, bias_leaf, discover, graph_modules,
     key_of, merge_and_unload, miss_layers, replace_module, saved_modules, select_layers, unload,
@@ -189,6 +190,11 @@ class MissNnxModel(Lifecycle, nnx.Module):
         for wrapper in saved_modules(self.base_model).values():
             wrapper.active = next((a for a in self._active if a in wrapper.modules_to_save), None)
             wrapper.disabled = self._disabled
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """What trains becomes `nnx.LoRAParam`, every other param `nnx.Param` (tunix's PeftTrainer: nnx_variables)."""
+        mark_trainable(self, self._filter(self._trainable_paths(), check_merged=False))
 
     def _drop(self, adapter_name: str) -> None:
         """Removes the adapter's blocks and module copies (a layer or module left with none is unwrapped)."""
@@ -234,7 +240,9 @@ class MissNnxModel(Lifecycle, nnx.Module):
         an NNX model holds its own weights."""
         self._refuse_return_params(return_params)
         names = None if adapter_names is None else self._names(adapter_names)
-        return merge_and_unload(self.base_model, safe_merge, names)
+        model = merge_and_unload(self.base_model, safe_merge, names)
+        mark_trainable(model, lambda path, variable: False)  # its params are all `nnx.Param` again
+        return model
 
     def unload(self, return_params: bool = False) -> nnx.Module:
         """The base model with the wrappers removed, in place (merged adapters stay merged, as in PEFT)."""

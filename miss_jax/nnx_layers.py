@@ -61,15 +61,12 @@ from jax.sharding import PartitionSpec as P
 from . import adapters, ops
 from .config import MissConfig
 from .layer_rules import KernelRule, has_rule, rule_for
+from .nnx_variables import MissParam
 from .targeting import Layer, matches, resolve_targets, select
 
 M = TypeVar("M", bound=nnx.Module)
 GraphPath = tuple[Union[str, int], ...]
 DEFAULT = "default"
-
-
-class MissParam(nnx.Param):
-    """The variable type of MiSS blocks: filter on it to train adapters only (`wrt=MissParam`)."""
 
 
 def _block_variable(kernel: nnx.Variable, rule: KernelRule, variant: ops.Variant, block: jax.Array) -> MissParam:

@@ -12,6 +12,8 @@ and PEFT (`MISS_JAX_TORCH_PYTHON`; `make test-modern` passes the project's main 
                                        adapter with small random blocks OUT/peft/, a zero one OUT/zero/, and
                                        for each its logits on the prompt (DIR.npy) and greedy tokens (DIR.greedy.npy)
   torch_twin.py greedy BASE PROMPT DIR.. logits on PROMPT.npy and GREEDY new greedy tokens of BASE + each DIR
+  torch_twin.py generate BASE PROMPT N DIR..  `PeftModel.generate`'s N greedy tokens of BASE + each DIR on
+                                       PROMPT.npy (no stop at EOS), written as DIR.generate.npy
 
 ARCH is "qwen3" or "llama"; the token ids are `IDS` below, the same on both sides.
 """
@@ -130,6 +132,16 @@ def adapter_greedy(base_dir: str, prompt: str, folders: list[str]) -> None:
         greedy(peft.PeftModel.from_pretrained(load(base_dir), folder).eval(), np.load(prompt), folder.rstrip("/"))
 
 
+def adapter_generate(base_dir: str, prompt: str, new_tokens: str, folders: list[str]) -> None:
+    ids = torch.tensor(np.load(prompt))
+    for folder in folders:
+        model = peft.PeftModel.from_pretrained(load(base_dir), folder).eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(new_tokens),
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        np.save(folder.rstrip("/") + ".generate.npy", out[:, ids.shape[1]:].numpy())
+
+
 def adapter_logits(arch: str, base_dir: str, folders: list[str]) -> None:
     for folder in folders:
         model = model_class(arch).from_pretrained(base_dir).eval()
@@ -142,5 +154,6 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     commands = {"make": make, "base": base, "real": real, "logits": lambda arch, base_dir, *folders:
                 adapter_logits(arch, base_dir, list(folders)),
-                "greedy": lambda base_dir, prompt, *folders: adapter_greedy(base_dir, prompt, list(folders))}
+                "greedy": lambda base_dir, prompt, *folders: adapter_greedy(base_dir, prompt, list(folders)),
+                "generate": lambda base_dir, prompt, n, *folders: adapter_generate(base_dir, prompt, n, list(folders))}
     commands[command](*args)
