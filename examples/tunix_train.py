@@ -12,7 +12,7 @@
 3. Trains with `PeftTrainer.train` (tunix's default next-token loss, gradient accumulation over 2 micro-batches,
    tunix's checkpoints of the LoRA params and optimizer state in OUT/checkpoints: a second run resumes there).
 4. Samples greedily with tunix's `Sampler` on the adapted model (adapters unmerged).
-5. Saves the PEFT folder OUT/adapter (`interop.nnx_io.save_pretrained` with `TUNIX_QWEN3`), and when PyTorch
+5. Saves the PEFT folder OUT/adapter (`save_pretrained`: the name map comes from the model's class), and when PyTorch
    is reachable (`--torch-python`, else `$MISS_JAX_TORCH_PYTHON`) checks it there: `miss-jax check --nnx`.
 """
 
@@ -34,11 +34,9 @@ from tunix.generate.sampler import CacheConfig, Sampler  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
 
-from interop import nnx_io  # noqa: E402
 from interop.nnx_check import check_nnx  # noqa: E402
 from interop.tunix_models import from_transformers  # noqa: E402
-from miss_jax import MissConfig  # noqa: E402
-from miss_jax.nnx import get_peft_model  # noqa: E402
+from miss_jax import MissConfig, get_peft_model  # noqa: E402
 from miss_jax.nnx_variables import check_trainable  # noqa: E402
 from nnx_llm_tunix import DIMS, TEXT, byte_windows, torch_python, write_qwen3_folder  # noqa: E402
 
@@ -130,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sample = sampler([args.prompt], max_generation_steps=48, temperature=0.0)
     print(f"Sampler (greedy, adapters unmerged): {args.prompt!r} -> {sample.text[0]!r}")
 
-    nnx_io.save_pretrained(model, adapter, nnx_io.TUNIX_QWEN3)
+    model.save_pretrained(adapter)
     print(f"saved the PEFT folder {adapter}")
     python = torch_python(args.torch_python)
     if python is None:

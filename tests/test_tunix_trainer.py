@@ -27,7 +27,7 @@ from tunix.sft import utils as sft_utils  # noqa: E402
 
 from interop import nnx_io  # noqa: E402
 from interop.tunix_models import from_transformers  # noqa: E402
-from miss_jax import MissConfig  # noqa: E402
+from miss_jax import MissConfig, MissModel  # noqa: E402
 from miss_jax.nnx import MissNnxModel, apply_miss, get_peft_model, miss_layers  # noqa: E402
 from miss_jax.nnx_variables import MissParam, check_trainable, frozen_type, trainable_type  # noqa: E402
 from real_checkpoint import smollm2_folder  # noqa: E402
@@ -141,10 +141,10 @@ def test_trainable_variables_are_exactly_the_lora_params_through_the_lifecycle(q
     assert lora_paths(model) == default
 
     folder = str(tmp_path / "adapter")
-    nnx_io.save_pretrained(model, folder, nnx_io.TUNIX_QWEN3)
-    frozen = nnx_io.from_pretrained(from_transformers(qwen3), folder, nnx_io.TUNIX_QWEN3)  # PEFT: frozen by default
+    model.save_pretrained(folder)
+    frozen = MissModel.from_pretrained(from_transformers(qwen3), folder)  # PEFT: frozen by default
     assert frozen.frozen_adapters == ("default",) and not lora_paths(frozen)
-    loaded = nnx_io.from_pretrained(from_transformers(qwen3), folder, nnx_io.TUNIX_QWEN3, is_trainable=True)
+    loaded = MissModel.from_pretrained(from_transformers(qwen3), folder, is_trainable=True)
     assert keys(lora_paths(loaded)) == keys(default)
 
     plain = model.merge_and_unload()
@@ -267,7 +267,7 @@ def twin(tmp_path_factory) -> str:
 def test_sampler_greedy_tokens_equal_pytorch_peft_generate(twin, adapter):
     """'bat': random blocks on every projection; 'saved': blocks on q/v plus copies of lm_head, the embedding and
     every norm."""
-    model = nnx_io.from_pretrained(from_transformers(f"{twin}/base"), f"{twin}/{adapter}", nnx_io.TUNIX_LLAMA3)
+    model = MissModel.from_pretrained(from_transformers(f"{twin}/base"), f"{twin}/{adapter}")
     assert not model.merged_adapters
     got = sample(model.base_model, PROMPT, NEW_TOKENS, return_logprobs=True)
     np.testing.assert_array_equal(got.tokens[0], np.load(f"{twin}/{adapter}.generate.npy")[0])
@@ -287,7 +287,7 @@ def test_real_checkpoint_sampler_greedy_tokens_equal_pytorch_peft_generate(tmp_p
     torch_side("real", base, out)
     torch_side("generate", base, f"{out}/prompt.npy", str(NEW_TOKENS), f"{out}/peft")
     prompt = np.load(f"{out}/prompt.npy")[0].tolist()
-    model = nnx_io.from_pretrained(from_transformers(base), f"{out}/peft", nnx_io.TUNIX_LLAMA3)
+    model = MissModel.from_pretrained(from_transformers(base), f"{out}/peft")
     config = json.load(open(f"{base}/config.json"))
     assert config["num_hidden_layers"] == model.base_model.config.num_layers == 30
     got = sample(model.base_model, prompt, NEW_TOKENS)
