@@ -19,6 +19,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   status                                 -- PEFT's layer / model status dataclasses
   train                                  -- optax train step, orbax checkpoints
   sharding                               -- mesh rules, sharded adapters, sharded train step
+  quantized                              -- (needs qwix; not imported here) a qwix-quantized frozen base for NNX (QMiSS)
 """
 
 from . import (
