@@ -210,7 +210,7 @@ def markdown(result: dict[str, Any]) -> str:
              "loss first -> last | base logit error |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
-        method = f"LoRA rank {c['lora_rank']}" if c["lora_rank"] else "MiSS r"
+        method = f"LoRA rank {c['lora_rank']}" if c["lora_rank"] else f"MiSS r={result['preset']['r']}"
         lines.append(f"| {c['case']} | {c['trainable']:,} ({method}) | {mb(c['weight_bytes'])} | "
                      f"{mb(c['step_peak_bytes'])} | {mb(c['peak_rss_bytes'])} | {c['compile_s']:.1f} | "
                      f"{1000 * c['step_s_median']:.1f} | {c['losses'][0]:.3f} -> {c['losses'][-1]:.3f} | "

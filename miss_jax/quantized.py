@@ -102,20 +102,18 @@ class QuantizedLayer(nnx.Module):
     `nnx.Linear`, so it keeps its layer rule, attributes and bias).
 
     The layer's kernel variable (its rule's `kernel`) is a `QuantizedKernel` holding qwix's quantized values, of
-    the kernel's shape; `kernel_scale` holds the scales (shape: 1 on the input axes but the tiled one, which has
-    `in // tile_size`); `quantization` says how.
+    the kernel's shape; `kernel_scale` (a `QuantizedKernel`) holds the scales (shape: 1 on the input axes but the
+    tiled one, which has `in // tile_size`); `quantization` says how, `kernel_type` what the kernel variable was
+    (`nnx.Param`); the class attribute `float_class` is `cls`.
     """
 
-    float_class: type  # set by quantized_class
-    quantization: Quantization
-    kernel_scale: QuantizedKernel
-
-    def rule(self) -> KernelRule:
+    def kernel_rule(self) -> KernelRule:
+        """The float class's layer rule."""
         return rule_for(self, type(self).__name__)
 
     def qarray(self) -> qwix.QArray:
         """The kernel as qwix's `QArray`."""
-        qvalue = getattr(self, self.rule().kernel).get_value()
+        qvalue = getattr(self, self.kernel_rule().kernel).get_value()
         return qwix.QArray(qvalue, self.kernel_scale.get_value(), None, QTYPES[self.quantization.qtype])
 
     def dequantized_kernel(self) -> jax.Array:
@@ -126,7 +124,7 @@ class QuantizedLayer(nnx.Module):
         """The float layer's own forward on the dequantized kernel; only the quantized kernel is kept for the
         backward pass (the dequantization is recomputed there)."""
         graphdef, state = nnx.split(self)
-        name = self.rule().kernel
+        name = self.kernel_rule().kernel
         qtype = QTYPES[self.quantization.qtype]
         float_call = self.float_class.__call__
 
@@ -183,6 +181,8 @@ def quantize(
     matches no layer, a `tile_size` that does not divide a layer's last input axis, or an adapted layer with
     merged adapters.
     """
+    if isinstance(qtype, Quantization) and tile_size is not None:
+        raise ValueError("Pass tile_size inside the Quantization (Quantization(qtype, tile_size)), not beside it.")
     quantization = qtype if isinstance(qtype, Quantization) else Quantization(qtype, tile_size)
     _, layers = select_layers(model, MissConfig(target_modules=target_modules))
     nodes = _nodes(model)
@@ -197,13 +197,15 @@ def quantize(
             continue
         rule = rule_for(node, layer.key)
         kernel = getattr(node, rule.kernel)
-        plans.append((node, rule, kernel, quantization.axes(rule, kernel.shape, layer.key)))
-    for node, rule, kernel, _ in plans:  # every check passed: nothing below fails on a valid layer
+        quantization.axes(rule, kernel.shape, layer.key)  # a tile that does not fit: refused before any change
+        plans.append((node, rule, kernel))
+    for node, rule, kernel in plans:
         qarray = quantization.quantize(kernel.get_value(), rule)
         setattr(node, rule.kernel, QuantizedKernel(qarray.qvalue, **kernel.get_metadata()))
         node.kernel_scale = QuantizedKernel(qarray.scale)
         node.quantization = quantization
-        node.__class__ = quantized_class(type(node))
+        node.kernel_type = type(kernel)
+        object.__setattr__(node, "__class__", quantized_class(type(node)))
     return model
 
 
@@ -216,14 +218,14 @@ def dequantize(model: M) -> M:
     """Turns every quantized layer back into its float class, with the dequantized kernel as its `nnx.Param`
     (what it computed with), in place; returns `model`. Adapters are untouched (merge them in float next)."""
     for node in quantized_layers(model).values():
-        name = node.rule().kernel
+        name = node.kernel_rule().kernel
         kernel = getattr(node, name)
         value = node.dequantized_kernel()
         metadata = kernel.get_metadata()
-        float_class = node.float_class
-        del node.kernel_scale, node.quantization
-        setattr(node, name, nnx.Param(value, **metadata))
-        node.__class__ = float_class
+        float_class, kernel_type = node.float_class, node.kernel_type
+        del node.kernel_scale, node.quantization, node.kernel_type
+        setattr(node, name, kernel_type(value, **metadata))
+        object.__setattr__(node, "__class__", float_class)
     return model
 
 

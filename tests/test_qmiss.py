@@ -35,8 +35,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 QWIX_PATHS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # the same layers, as qwix names them
 NAME_MAP = nnx_io.TUNIX_LLAMA3  # the same map as TUNIX_QWEN3
 # int8 per output channel; the 4-bit types in blocks of 8 along the last input axis (every tiny layer's divides)
-QUANT = {"int8": qm.Quantization("int8"), "int4": qm.Quantization("int4", 8), "nf4": qm.Quantization("nf4", 8)}
-STORED = {"int8": jnp.int8, "int4": jnp.int4, "nf4": jnp.uint4}
+QUANT = {"int8": qm.Quantization("int8"), "int4": qm.Quantization("int4", 8), "nf4": qm.Quantization("nf4", 8),
+         "float8_e4m3fn": qm.Quantization("float8_e4m3fn")}
+STORED = {"int8": jnp.int8, "int4": jnp.int4, "nf4": jnp.uint4, "float8_e4m3fn": jnp.float8_e4m3fn}
 
 pytestmark = pytest.mark.skipif(not TORCH_PYTHON, reason="set MISS_JAX_TORCH_PYTHON (make test-modern does)")
 
@@ -85,7 +86,7 @@ def train(peft_model, steps: int = 4) -> list[float]:
 def frozen_state(model: nnx.Module) -> dict[tuple, np.ndarray]:
     """Every variable but the MiSS blocks, by path, as NumPy."""
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))
-            if not isinstance(v, MissParam)}
+            if not isinstance(v, (MissParam, nnx.RngState))}
 
 
 def error(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,8 +96,8 @@ def error(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------- quantizing
 
 
-@pytest.mark.parametrize("qtype", sorted(QUANT))
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch, qtype", [("llama", "int8"), ("qwen3", "int8"), ("llama", "int4"), ("qwen3", "nf4"),
+                                         ("llama", "nf4"), ("qwen3", "float8_e4m3fn")])
 def test_the_quantized_base_computes_what_qwix_ptq_computes(twins, arch, qtype):
     """`quantize` stores qwix's quantized values (1 byte or 4 bits a weight) and its forward equals qwix's own PTQ
     model (`qwix.quantize_model` with a `PtqProvider` rule on the same layers, same type and tiles)."""
@@ -112,7 +113,7 @@ def test_the_quantized_base_computes_what_qwix_ptq_computes(twins, arch, qtype):
     layers = qm.quantized_layers(model)
     assert len(layers) == 2 * len(TARGETS) and "lm_head" not in layers  # all-linear leaves the head alone
     for layer in layers.values():
-        kernel = getattr(layer, layer.rule().kernel)
+        kernel = getattr(layer, layer.kernel_rule().kernel)
         assert isinstance(kernel, qm.QuantizedKernel) and not isinstance(kernel, nnx.Param)
         assert kernel.get_value().dtype == STORED[qtype]
     got = causal_logits(model, IDS)
@@ -129,7 +130,7 @@ def test_a_type_qwix_lacks_or_a_tile_that_does_not_fit_is_refused_and_nothing_ch
         qm.quantize(model, "nf4", tile_size=5)
     with pytest.raises(ValueError, match=r"tile_size must be a positive int"):
         qm.Quantization("int4", 0)
-    with pytest.raises(ValueError, match=r"matched no|not found|did not match|no module"):
+    with pytest.raises(ValueError, match=r"Target modules \['nope_proj'\] not found"):
         qm.quantize(model, "int8", target_modules=["nope_proj"])
     assert qm.quantized_layers(model) == {}
     assert all(isinstance(layer.w, nnx.Param) for layer in [model.layers[0].attn.q_proj, model.lm_head])
@@ -170,12 +171,12 @@ def kernel_sized_float_residuals(peft_model, capsys) -> list[str]:
     ids = jnp.asarray(IDS)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
 
-    def loss(blocks, rest):
+    def loss(blocks):  # a train step's: the gradient of the blocks only
         out = nnx.merge(graphdef, blocks, rest)(ids, jnp.broadcast_to(jnp.arange(8), (2, 8)), None, mask)[0]
         return jnp.mean(out ** 2)
 
     capsys.readouterr()
-    jax.ad_checkpoint.print_saved_residuals(loss, blocks, rest)
+    jax.ad_checkpoint.print_saved_residuals(loss, blocks)
     shapes = {",".join(map(str, getattr(layer.base_layer, layer.rule.kernel).shape))
               for layer in miss_layers(peft_model.base_model).values()}
     return [line for line in capsys.readouterr().out.splitlines()
@@ -187,7 +188,7 @@ def test_the_backward_pass_keeps_no_dequantized_kernel(twins, capsys):
     array of a kernel's shape crosses from the forward to the backward pass (a float base keeps its kernels)."""
     config = MissConfig(r=4, target_modules=TARGETS)
     float_saved = kernel_sized_float_residuals(get_peft_model(float_model(twins, "llama"), config), capsys)
-    assert len(float_saved) >= 2 * len(TARGETS)
+    assert len(float_saved) >= 6  # at least the MLP kernels (nnx.Linear) of both layers
     quantized = get_peft_model(qm.quantize(float_model(twins, "llama"), "int8"), config)
     assert kernel_sized_float_residuals(quantized, capsys) == []
 
@@ -202,7 +203,8 @@ def trained(twins, tmp_path_factory) -> dict[str, tuple]:
     for arch in ("llama", "qwen3"):
         peft_model = get_peft_model(qm.quantize(float_model(twins, arch), QUANT["nf4"]),
                                     MissConfig(r=4, target_modules=TARGETS))
-        assert train(peft_model, 6)[-1] < 5.0
+        losses = train(peft_model, 6)
+        assert losses[-1] < losses[0]
         folder = str(tmp_path_factory.mktemp(arch) / "adapter")
         nnx_io.save_pretrained(peft_model, folder, NAME_MAP)
         out[arch] = (peft_model, folder, causal_logits(peft_model, IDS))
@@ -290,7 +292,7 @@ class Ids:
         return 1
 
     def eos_id(self) -> int:
-        return 63
+        return 64  # no token of the vocabulary (0..63): every step makes a token
 
     def pad_id(self) -> int:
         return 0
@@ -311,13 +313,12 @@ def test_generation_with_tunix_sampler_on_the_quantized_base_and_after_export(tw
 
     peft_model = get_peft_model(qm.quantize(float_model(twins, "llama"), QUANT["nf4"]),
                                 MissConfig(r=4, init_weights=False, target_modules=TARGETS))
-    prompt = np.array([5, 9, 14, 3, 60])
+    prompt = np.array([1, 5, 9, 14, 3, 60])  # the sampler puts the tokenizer's bos (1) first
     cache = tunix_sampler.CacheConfig(cache_size=32, num_layers=2, num_kv_heads=2, head_dim=8)
-    sampled = tunix_sampler.Sampler(peft_model.base_model, Ids(), cache)(
-        ["5 9 14 3 60"], max_generation_steps=6, eos_tokens=[63])
-    tokens = [int(t) for t in sampled.text[0].split()]
+    sampled = tunix_sampler.Sampler(peft_model.base_model, Ids(), cache)(["5 9 14 3 60"], max_generation_steps=6)
     want = greedy(peft_model, prompt, 6)
-    assert tokens == want[: len(tokens)] and len(tokens) >= 1
+    assert [int(t) for t in sampled.tokens[0]] == want
+    assert sampled.text[0] == " ".join(map(str, want))
     merged, _ = qm.merge_for_export(peft_model, lambda m: causal_logits(m, prompt[None]))
     assert greedy(merged, prompt, 6) == want
 
