@@ -157,14 +157,12 @@ def quantized_class(cls: type) -> type:
 
 
 def _nodes(model: nnx.Module) -> dict[str, nnx.Module]:
-    """Every module by layer key, with a `MissLinear`'s base layer under the `MissLinear`'s key."""
-    found = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, MissLinear):
-            found[key_of(path)] = node.base_layer
-        elif isinstance(node, nnx.Module) and key_of(path) not in found:
-            found[key_of(path)] = node
-    return found
+    """Every module by layer key, with a `MissLinear`'s base layer under the `MissLinear`'s key (and nothing from
+    inside a `MissLinear`)."""
+    modules = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+    wrappers = [path for path, node in modules.items() if isinstance(node, MissLinear)]
+    return {key_of(path): node.base_layer if isinstance(node, MissLinear) else node
+            for path, node in modules.items() if not any(path[: len(w)] == w and len(path) > len(w) for w in wrappers)}
 
 
 def quantize(

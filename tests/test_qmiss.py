@@ -84,8 +84,9 @@ def train(peft_model, steps: int = 4) -> list[float]:
 
 
 def frozen_state(model: nnx.Module) -> dict[tuple, np.ndarray]:
-    """Every variable but the MiSS blocks, by path, as NumPy."""
-    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))
+    """Every variable but the MiSS blocks (and the rng state), by path, as float64 NumPy (exact for the 4-bit and
+    int8 storage types too)."""
+    return {tuple(p): np.asarray(v.get_value()).astype(np.float64) for p, v in nnx.to_flat_state(nnx.state(model))
             if not isinstance(v, (MissParam, nnx.RngState))}
 
 
@@ -96,11 +97,13 @@ def error(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------- quantizing
 
 
-@pytest.mark.parametrize("arch, qtype", [("llama", "int8"), ("qwen3", "int8"), ("llama", "int4"), ("qwen3", "nf4"),
-                                         ("llama", "nf4"), ("qwen3", "float8_e4m3fn")])
-def test_the_quantized_base_computes_what_qwix_ptq_computes(twins, arch, qtype):
+@pytest.mark.parametrize("qtype", sorted(QUANT))
+def test_the_quantized_base_computes_what_qwix_ptq_computes(twins, qtype):
     """`quantize` stores qwix's quantized values (1 byte or 4 bits a weight) and its forward equals qwix's own PTQ
-    model (`qwix.quantize_model` with a `PtqProvider` rule on the same layers, same type and tiles)."""
+    model (`qwix.quantize_model` with a `PtqProvider` rule on the same layers, same type and tiles). On Llama 3:
+    qwix 0.1.8's PTQ cannot run tunix's Qwen 3, whose Einsum casts its kernel (`jnp.astype(self.w.value, ...)`
+    raises on qwix's quantized weight); `quantize` runs both (the tests below)."""
+    arch = "llama"
     quant = QUANT[qtype]
     reference = causal_logits(float_model(twins, arch), IDS)
     np.testing.assert_allclose(reference, np.load(f"{twins[arch]}/base.npy"), atol=1e-4)  # the float twin
