@@ -1,6 +1,6 @@
 """QMiSS benchmark: MiSS on a float base vs a qwix-quantized base (int8, nf4) vs qwix's own QLoRA, side by side.
 
-    .venv-modern/bin/python benchmarks/qmiss.py                      # llama-small, 40 steps -> benchmarks/results/qmiss.{json,md}
+    .venv-modern/bin/python benchmarks/qmiss.py                      # llama-small, 30 steps -> benchmarks/results/qmiss.{json,md}
     .venv-modern/bin/python benchmarks/qmiss.py --preset tiny --steps 2 --out /tmp/qmiss   # a smoke run (the test's)
 
 One invocation runs every case on the same tunix Llama 3 (random weights, seed 0), the same data in the same order
@@ -198,7 +198,7 @@ def machine() -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table and loss curves."""
-    mb = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
+    mb = lambda n: f"{n / 2**20:.2f}"  # noqa: E731
     args, cases = result["args"], result["cases"]
     lines = [f"# QMiSS: float vs quantized base, MiSS vs qwix QLoRA ({args['preset']}, {args['steps']} steps)", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs, "
@@ -250,7 +250,7 @@ def plot(result: dict[str, Any], path: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-small")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # a child process: one case
