@@ -133,6 +133,8 @@ def test_a_type_qwix_lacks_or_a_tile_that_does_not_fit_is_refused_and_nothing_ch
         qm.quantize(model, "nf4", tile_size=5)
     with pytest.raises(ValueError, match=r"tile_size must be a positive int"):
         qm.Quantization("int4", 0)
+    with pytest.raises(ValueError, match=r"Pass tile_size inside the Quantization"):
+        qm.quantize(model, qm.Quantization("int4"), tile_size=8)
     with pytest.raises(ValueError, match=r"Target modules \['nope_proj'\] not found"):
         qm.quantize(model, "int8", target_modules=["nope_proj"])
     assert qm.quantized_layers(model) == {}
