@@ -14,7 +14,7 @@ PY_MODERN ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13 /
 VENV_MODERN := .venv-modern
 BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
-MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py tests/test_tunix_models.py tests/test_nnx_sharding.py tests/test_tunix_trainer.py
+MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py tests/test_tunix_models.py tests/test_nnx_sharding.py tests/test_tunix_trainer.py tests/test_qmiss.py miss_jax/quantized.py
 
 .PHONY: venv venv-modern test test-modern test-bench test-multihost test-real test-fast demo demo-llm bench clean
 

@@ -24,6 +24,7 @@ Public API (docs/DESIGN.md §4 draws how the modules depend on each other):
   train                                  -- optax train step, orbax checkpoints
   sharding                               -- mesh rules, sharded adapters, sharded train step
   nnx_sharding                           -- NNX models on a mesh by their own annotations (tunix's), a step
+  quantized                              -- (needs qwix; not imported here) a qwix-quantized frozen base for NNX (QMiSS)
 """
 
 from . import (

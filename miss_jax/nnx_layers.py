@@ -163,8 +163,16 @@ class MissLinear(nnx.Module):
         """Whether any adapter is merged into the kernel."""
         return bool(self.merged_adapters)
 
+    def refuse(self, action: str) -> None:
+        """ValueError if the base layer refuses `action` ("merge", or a new adapter's variant): a base whose kernel
+        is not a float array (`miss_jax.quantized`) says why in its `miss_refusal(action)`."""
+        reason = getattr(self.base_layer, "miss_refusal", lambda action: None)(action)
+        if reason:
+            raise ValueError(reason)
+
     def new_block(self, config: MissConfig, rngs: nnx.Rngs, param_dtype: Any = jnp.float32) -> MissParam:
         """A fresh block for `config` on this layer (ValueError if the layer's shape does not suit it)."""
+        self.refuse(config.variant)
         variant = ops.variant(config.variant)
         random = config.init_weights is False
         block = variant.init(
@@ -280,7 +288,9 @@ class MissLinear(nnx.Module):
         self, active: Sequence[str], merged: Sequence[str], action: str, key: str = "this layer"
     ) -> None:
         """ValueError when this layer, with `active` adapters and `merged` ones merged, would not compute what
-        it computes unmerged (`adapters.check_merge_state`)."""
+        it computes unmerged (`adapters.check_merge_state`), or merged adapters its base refuses (`refuse`)."""
+        if merged:
+            self.refuse("merge")
         adapters.check_merge_state({key: self.variants}, () if self.disabled else active, merged, action)
 
     def unmerge(self) -> None:
@@ -484,6 +494,9 @@ def merge_and_unload(model: M, safe_merge: bool = False, adapter_names: Optional
     layers = miss_layers(model)
     todo = {key: [a for a in (layer.active_adapters if adapter_names is None else adapter_names)
                   if a in layer.variants and a not in layer.merged_adapters] for key, layer in layers.items()}
+    for key, layer in layers.items():  # every layer first: refused, nothing is merged
+        if todo[key]:
+            layer.refuse("merge")
     if safe_merge:
         for key, layer in layers.items():
             problem = layer.merge_problem(todo[key])
