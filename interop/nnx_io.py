@@ -319,7 +319,7 @@ def save_pretrained(peft_model: MissNnxModel, save_directory: str, name_map: Nam
     if bad or not selected:
         raise ValueError(f"Unknown adapters {bad or selected}; this model has {list(peft_model.adapters)}.")
     folders = {"" if n == "default" else n: adapter_files(peft_model, n, name_map, dtype) for n in selected}
-    folder_write.write_adapter_folders(save_directory, folders)
+    folder_write.write_adapter_folders(save_directory, folders, card=peft_io.model_card(peft_model))
 
 
 def _read(folder: str, is_trainable: bool, config: Optional[MissConfig] = None) -> tuple[MissConfig, dict[str, Any]]:

@@ -77,17 +77,21 @@ def check_save_keywords(
 
 def model_card(model: MissModel) -> str:
     """The `README.md` PEFT's `create_or_update_model_card` writes into a folder that has none: the Hub's
-    model card template with `library_name: peft`, the base model's name and tags, `pipeline_tag:
+    model card template with `library_name: peft`, the base model's name and tags (transformers models only,
+    as PEFT: a model without a transformers config gets neither), `pipeline_tag:
     text-generation` for causal LMs (task_type CAUSAL_LM), and the PEFT version line."""
     from huggingface_hub import ModelCard, ModelCardData
 
     card = ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
-    name_or_path = getattr(model.config, "name_or_path", "")
-    card.data["tags"] = sorted({"transformers", f"base_model:adapter:{name_or_path}"})
+    config = getattr(model, "config", None)  # None: a model that is not a transformers one (NNX, custom)
+    if config is not None:  # PEFT's tags and base model come from a transformers model and its config
+        name_or_path = getattr(config, "name_or_path", "")
+        card.data["tags"] = sorted({"transformers", f"base_model:adapter:{name_or_path}"})
     if model.peft_config[model.active_adapter].task_type == "CAUSAL_LM":
         card.data.pipeline_tag = "text-generation"
-    card.data["base_model"] = name_or_path
+    if config is not None:
+        card.data["base_model"] = name_or_path
     card.text = card.text + f"\n### Framework versions\n\n- PEFT {PEFT_VERSION}"
     return str(card)
 

@@ -147,7 +147,7 @@ class Lifecycle:
         (else the first by name) stay or become active, and trainable (all as in PEFT)."""
         self._names(adapter_name)
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
         self._drop(adapter_name)
         self._frozen = self._frozen - {adapter_name}
         if adapter_name in self._active:  # as PEFT: the other active ones, else the first by name

@@ -77,7 +77,6 @@ MULTI = {
     "different": ({"target_modules": ["lin0"], "init_weights": False, "r": 2},
                   {"target_modules": ["lin1"], "init_weights": False, "r": 2}),
 }
-LIFECYCLE = "needs one lifecycle (issue 23 item 1): "
 XT = torch.from_numpy(S.X)
 
 
@@ -198,7 +197,7 @@ def _flat(params: Mapping, prefix: tuple = ()) -> dict:
 # --------------------------------------------------------------------------- TestPeftCustomModel, per row
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / from_pretrained on the NNX model")
+@paths()
 @rows()
 def test_attributes_parametrized(path, kwargs):
     pm = ours(path, kwargs)
@@ -214,7 +213,7 @@ def test_adapter_name(path, kwargs):
     assert names == set(torch_named(pt))
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained for NNX models")
+@paths()
 @rows()
 def test_save_pretrained(path, kwargs, tmp_path):
     kwargs = init_false(kwargs)
@@ -240,11 +239,9 @@ def test_save_pretrained(path, kwargs, tmp_path):
     assert mine == theirs
 
 
-CARD = ("interop/peft_io.py: model_card writes `base_model: ''` and the tags `transformers`, `base_model:adapter:` "
-        "for a model without a config (a custom model), where PEFT writes neither")
 
 
-@paths(linen=CARD, nnx=LIFECYCLE + "save_pretrained on the NNX model")
+@paths()
 @rows(lambda kw: kw is ROWS[0])  # the card does not depend on the row
 def test_save_pretrained_model_card(path, kwargs, tmp_path):
     """PEFT's `check_modelcard` (part of `_test_save_pretrained`): a custom model's card has `library_name: peft`
@@ -257,7 +254,7 @@ def test_save_pretrained_model_card(path, kwargs, tmp_path):
     assert card == (tmp_path / "peft" / "README.md").read_text()
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained on the NNX model")
+@paths()
 @rows()
 def test_save_pretrained_pickle_is_refused(path, kwargs, tmp_path):
     """PEFT's `test_save_pretrained_pickle` writes `adapter_model.bin` (a pickle); miss-jax refuses by design."""
@@ -267,7 +264,7 @@ def test_save_pretrained_pickle_is_refused(path, kwargs, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained(selected_adapters=) on the NNX model")
+@paths()
 @rows()
 def test_save_pretrained_adapter_name_substring(path, kwargs, tmp_path):
     kwargs = init_false(kwargs)
@@ -283,7 +280,8 @@ def test_save_pretrained_adapter_name_substring(path, kwargs, tmp_path):
     assert set(state) == set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
 
 
-@paths(nnx=LIFECYCLE + "get_peft_model(nnx_model, low_cpu_mem_usage=True), save_pretrained, from_pretrained")
+@paths(nnx="low_cpu_mem_usage=True on an NNX model makes real (zero) blocks, where PEFT makes meta-device ones "
+             "and the Linen path abstract ones that loading fills")
 @rows()
 def test_load_model_low_cpu_mem_usage(path, kwargs, tmp_path):
     kwargs = init_false(kwargs)
@@ -299,7 +297,7 @@ def test_load_model_low_cpu_mem_usage(path, kwargs, tmp_path):
     assert path.is_abstract(ours(path, kwargs, low_cpu_mem_usage=True), "default")
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained(config=) for NNX models")
+@paths()
 @rows()
 def test_from_pretrained_config_construction(path, kwargs, tmp_path):
     pm = ours(path, kwargs)
@@ -314,7 +312,7 @@ def test_from_pretrained_config_construction(path, kwargs, tmp_path):
     assert path.trainable_names(loaded) == {n for n, p in theirs.named_parameters() if p.requires_grad} == set()
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / from_pretrained / load_adapter on the NNX model")
+@paths()
 @rows()
 def test_load_multiple_adapters(path, kwargs, tmp_path):
     kwargs = init_false(kwargs)
@@ -373,10 +371,7 @@ def test_merge_layers_half(path, kwargs, dtype):
     close(mine, theirs, *((0.1, 0.05) if dtype == "float16" else (1.0, 0.1)))
 
 
-@paths(linen="miss_jax/model.py: a second merge_adapter() warns \"Already merged: ['default']; skipping them.\", "
-             "not PEFT's \"All adapters are already merged, nothing to do.\"",
-       nnx="miss_jax/nnx.py: a second merge_adapter() gives no warning (PEFT: \"All adapters are already merged, "
-           "nothing to do.\")")
+@paths()
 @rows()
 def test_merge_layers_is_idempotent(path, kwargs):
     kwargs = init_false(kwargs)
@@ -417,7 +412,7 @@ def test_training_custom_models(path, kwargs):
     same_state(mine, theirs, atol=1e-4, rtol=1e-4)
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained on the NNX model")
+@paths()
 @rows()
 def test_inference_safetensors(path, kwargs, tmp_path):
     pt, pm = twin(path, kwargs)
@@ -465,8 +460,7 @@ def test_forward_half(path, kwargs, dtype):
     assert all(np.isfinite(o).all() for o in outs)
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained / load_adapter with autocast_adapter_dtype= and "
-           "low_cpu_mem_usage= for NNX models")
+@paths()
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=pytest.mark.slow), "float32"])
 @rows()
@@ -489,7 +483,7 @@ def test_adapter_dtype_autocast(path, kwargs, dtype, low_cpu_mem_usage, tmp_path
     assert {np.dtype(v.dtype) for _, v in _adapter_arrays(path, loaded)} == {np.dtype(np.float32)}
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained / load_adapter for NNX models")
+@paths()
 def test_no_autocast_is_refused(path, tmp_path):
     """`autocast_adapter_dtype=False` (PEFT: blocks in the base dtype) is refused by design, naming the way:
     miss-jax keeps blocks in float32 (cast them with update_params)."""
@@ -530,7 +524,7 @@ def test_only_params_are_updated(path, kwargs):
     same_state(after, torch_named(pt), atol=1e-4, rtol=1e-4)
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained for NNX models")
+@paths()
 @rows()
 def test_save_load_roundtrip(path, kwargs, tmp_path):
     kwargs = init_false(kwargs)
@@ -543,7 +537,7 @@ def test_save_load_roundtrip(path, kwargs, tmp_path):
     close(torch_run(peft.PeftModel.from_pretrained(S.torch_model("MLP"), str(tmp_path))), before, 1e-5, 1e-5)
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained for NNX models")
+@paths()
 @rows()
 def test_parameters_after_loading_model(path, kwargs, tmp_path):
     pt, pm = twin(path, kwargs)
@@ -596,7 +590,7 @@ def test_disable_adapters_with_merging(path, kwargs):
         close(mine[key], theirs[key], 1e-4, 1e-4)
 
 
-@paths(nnx="miss_jax/nnx.py: active_adapters is a tuple where PEFT gives a list (" + LIFECYCLE[:-2] + ")")
+@paths()
 @rows(lambda kw: not kw.get("modules_to_save"))  # PEFT skips rows with modules_to_save
 def test_active_adapter(path, kwargs):
     pt, pm = torch_peft(kwargs), ours(path, kwargs)
@@ -614,7 +608,7 @@ def test_active_adapter(path, kwargs):
     assert seen[1][-1] == (["default", "other"],)
 
 
-@paths(nnx=LIFECYCLE + "get_model_status on the NNX model")
+@paths()
 @rows()
 def test_disable_adapters_exiting_context_restores_previous_state(path, kwargs):
     pt, pm = torch_peft(kwargs), ours(path, kwargs)
@@ -632,7 +626,7 @@ def test_disable_adapters_exiting_context_restores_previous_state(path, kwargs):
     assert seen[1] == seen[0] == [True, False, True, False]
 
 
-@paths(nnx=LIFECYCLE + "get_base_model on the NNX model; active_adapters a list")
+@paths()
 @pytest.mark.parametrize("activate", [True, False], ids=["active", "inactive"])  # test_delete(_inactive)_adapter
 @rows()
 def test_delete_adapter(path, kwargs, activate):
@@ -665,7 +659,7 @@ def test_add_adapter_rejects_duplicate_name_without_mutation(path):
     same_state(path.state(pm), before, 0, 0)
 
 
-@paths(nnx="miss_jax/nnx.py: active_adapters is a tuple where PEFT gives a list (" + LIFECYCLE[:-2] + ")")
+@paths()
 def test_delete_adapter_with_multiple_adapters_works(path):
     """PEFT's test (with LoRA there) and its `..._multiple_adapters_with_modules_to_save` twin, with MiSS."""
     for saved in (None, ["lin1"]):
@@ -684,12 +678,9 @@ def test_delete_adapter_with_multiple_adapters_works(path):
 
 
 DELETE_MERGED = "Cannot delete adapter(s) ['{}'] while they are merged. Please unmerge them first."
-DELETE_MERGED_LINEN = ("miss_jax/model.py: deleting a merged adapter says \"Adapter 'default' is merged; call "
-                       "unmerge_adapter() before deleting it.\", not PEFT's \"Cannot delete adapter(s) "
-                       "['default'] while they are merged. Please unmerge them first.\"")
 
 
-@paths(linen=DELETE_MERGED_LINEN, nnx=DELETE_MERGED_LINEN.replace("model.py", "nnx.py"))
+@paths()
 @rows()
 def test_delete_merged_adapter_raises_without_mutation(path, kwargs):
     kwargs = init_false(kwargs)
@@ -708,7 +699,7 @@ def test_delete_merged_adapter_raises_without_mutation(path, kwargs):
     assert "default" not in pm.peft_config
 
 
-@paths(linen=DELETE_MERGED_LINEN, nnx=DELETE_MERGED_LINEN.replace("model.py", "nnx.py"))
+@paths()
 @rows()
 def test_delete_merged_adapter_only_rejects_the_merged_one(path, kwargs):
     kwargs = init_false(kwargs)
@@ -803,7 +794,7 @@ def statuses(model: Any) -> dict[str, dict]:
                      "requires_grad": dict(s.requires_grad)} for s in model.get_layer_status()}
 
 
-@paths(nnx=LIFECYCLE + "get_layer_status on the NNX model")
+@paths()
 def test_set_adapter_non_overlapping_modules(path):
     config0 = {"target_modules": ["layers.0.lin0", "layers.1.lin0"]}
     config1 = {"target_modules": ["layers.1.lin0", "layers.2.lin0"]}
@@ -927,7 +918,7 @@ def test_adapter_name_makes_no_difference(path):
                  for name in ("default", "adapter")], 0, 0)
 
 
-@paths(nnx=LIFECYCLE + "save_pretrained / MissModel.from_pretrained(is_trainable=) for NNX models")
+@paths()
 @pytest.mark.parametrize("saved", [None, ["layers.0.lin1"]], ids=["plain", "modules_to_save"])
 @pytest.mark.parametrize("is_trainable", [False, True])
 def test_loading_model_requires_grad_set_correctly(path, saved, is_trainable, tmp_path):
@@ -999,10 +990,9 @@ def test_multiple_active_adapters_merge_and_unmerge(path, configs):
         close(path.run(pm), base, 1e-4, 1e-4)
 
 
-MERGE_NAMES = LIFECYCLE + "merge_and_unload(adapter_names=) on the NNX model"
 
 
-@paths(nnx=MERGE_NAMES)
+@paths()
 @MULTI_ROWS
 def test_merge_layers_multi(path, configs):
     _, pm = multi(path, configs, ("default", "adapter-2"))
