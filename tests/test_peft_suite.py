@@ -59,6 +59,8 @@ from interop_helpers import torch_twin
 from miss_jax import MissConfig, MissModel, get_peft_model
 from peft_suite_paths import Linen, Nnx, adapter_of
 
+pytestmark = pytest.mark.peft_suite  # `make test-peft`
+
 # PEFT's TEST_CASES rows with MissConfig (the first and second pairs share PEFT's test names)
 ROWS = [
     {"target_modules": "lin0", "r": 2},

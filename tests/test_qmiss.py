@@ -19,6 +19,7 @@ from flax import nnx
 qwix = pytest.importorskip("qwix")
 pytest.importorskip("tunix.models.llama3.model")
 
+from torch_process import TORCH_PYTHON, torch_side  # noqa: E402
 from interop import nnx_io  # noqa: E402
 from interop import safetensors_io as files  # noqa: E402
 from interop.nnx_check import causal_logits  # noqa: E402
@@ -27,8 +28,6 @@ from miss_jax import MissConfig, MissModel  # noqa: E402
 from miss_jax import quantized as qm  # noqa: E402
 from miss_jax.nnx import MissLinear, MissParam, get_peft_model, merge_and_unload, miss_layers  # noqa: E402
 
-TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
-TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "qmiss.py")
 IDS = np.array([[1, 5, 9, 14, 3, 60, 22, 7], [2, 33, 4, 4, 18, 51, 0, 12]])  # torch_twin.IDS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,10 +40,6 @@ STORED = {"int8": jnp.int8, "int4": jnp.int4, "nf4": jnp.uint4, "float8_e4m3fn":
 
 pytestmark = pytest.mark.skipif(not TORCH_PYTHON, reason="set MISS_JAX_TORCH_PYTHON (make test-modern does)")
 
-
-def torch_side(*args: str) -> None:
-    done = subprocess.run([TORCH_PYTHON, TWIN, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

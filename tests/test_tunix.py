@@ -18,6 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
+from torch_process import TORCH_PYTHON, torch_side  # noqa: E402
 from interop import nnx_io
 from interop import safetensors_io as files
 from interop.cli import main
@@ -29,8 +30,6 @@ from tunix.models.llama3 import model as tunix_llama3  # noqa: E402
 from tunix.models.llama3 import params as llama3_params  # noqa: E402
 from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
-TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
-TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
 IDS = np.array([[1, 5, 9, 14, 3, 60, 22, 7], [2, 33, 4, 4, 18, 51, 0, 12]])  # torch_twin.IDS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT = {"balance": True, "mini": "mini", "bat": "bat"}
@@ -44,9 +43,6 @@ ARCHS = {
 pytestmark = pytest.mark.skipif(not TORCH_PYTHON, reason="set MISS_JAX_TORCH_PYTHON (make test-modern does)")
 nnx_io.tunix_rules()
 
-
-def torch_side(*args: str) -> None:
-    subprocess.run([TORCH_PYTHON, TWIN, *args], check=True, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,15 @@ born in PyTorch PEFT and in JAX. Runs in the modern environment (`make test-mode
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from torch_process import TORCH_PYTHON, torch_side  # noqa: E402
 from interop import nnx_io
 from interop.cli import main
 from interop.nnx_check import causal_logits
@@ -27,8 +26,6 @@ from real_checkpoint import smollm2_folder
 
 pytest.importorskip("tunix.models.qwen3.model")
 
-TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
-TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
 IDS = np.array([[1, 5, 9, 14, 3, 60, 22, 7], [2, 33, 4, 4, 18, 51, 0, 12]])  # torch_twin.IDS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = 6  # torch_twin.GREEDY
@@ -44,10 +41,6 @@ NAME_MAPS = {"llama": nnx_io.TUNIX_LLAMA3, "qwen3": nnx_io.TUNIX_QWEN3}
 
 pytestmark = pytest.mark.skipif(not TORCH_PYTHON, reason="set MISS_JAX_TORCH_PYTHON (make test-modern does)")
 
-
-def torch_side(*args: str) -> None:
-    done = subprocess.run([TORCH_PYTHON, TWIN, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

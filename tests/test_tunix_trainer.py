@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from tunix.generate.sampler import CacheConfig, Sampler  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
 
+from torch_process import TORCH_PYTHON, torch_side  # noqa: E402
 from interop import nnx_io  # noqa: E402
 from interop.tunix_models import from_transformers  # noqa: E402
 from miss_jax import MissConfig, MissModel  # noqa: E402
@@ -37,8 +37,6 @@ sys.path.insert(0, EXAMPLES)
 import nnx_llm_tunix  # noqa: E402
 import tunix_train  # noqa: E402
 
-TORCH_PYTHON = os.environ.get("MISS_JAX_TORCH_PYTHON")
-TWIN = os.path.join(os.path.dirname(__file__), "torch_twin.py")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = [1, 5, 9, 14, 3, 60, 22, 7]  # torch_twin.IDS[0]: no token is the pad id
 NEW_TOKENS = 8
@@ -244,10 +242,6 @@ def test_checkpoint_of_the_lora_params_resumes_as_if_uninterrupted(qwen3, tmp_pa
 
 # --------------------------------------------------------------------------- Sampler against PyTorch PEFT
 
-
-def torch_side(*args: str) -> None:
-    done = subprocess.run([TORCH_PYTHON, TWIN, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
