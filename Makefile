@@ -16,7 +16,7 @@ BIN_MODERN := $(VENV_MODERN)/bin
 STAMP_MODERN := $(VENV_MODERN)/.installed-stamp
 MODERN_TESTS := tests/test_nnx.py tests/test_layer_rules.py tests/test_nnx_peft.py tests/test_tunix.py tests/test_tunix_models.py tests/test_nnx_sharding.py tests/test_tunix_trainer.py tests/test_qmiss.py miss_jax/quantized.py
 
-.PHONY: venv venv-modern test test-modern test-bench test-multihost test-peft test-real test-fast demo demo-llm bench clean
+.PHONY: venv venv-modern test test-modern test-bench test-multihost test-peft test-real test-slow demo demo-llm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,7 +47,12 @@ venv-modern: $(STAMP_MODERN)
 # One pytest worker per CPU (pytest-xdist), each test file on one worker (its module fixtures run once).
 # The benchmark harness's tests (tests/test_benchmarks.py, marker `bench`) run in `make test-bench`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not bench and not multihost and not real and not peft_suite"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow and not bench and not multihost and not real and not peft_suite"
+
+# The slow cases (end-to-end examples, README blocks, the wide cross-framework products): a target of their own
+# that CI runs, so that `make test` stays the quick loop.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "slow and not bench and not multihost and not real and not peft_suite"
 
 # PEFT's own MiSS tests (huggingface/peft's test_custom_models.py & co.), ported onto both paths: a target of its own
 # (minutes of CPU) that CI runs.
@@ -70,8 +75,6 @@ test-multihost: $(STAMP)
 test-modern: $(STAMP_MODERN) $(STAMP)
 	MISS_JAX_TORCH_PYTHON=$(abspath $(BIN))/python $(BIN_MODERN)/python -m pytest -q $(MODERN_TESTS)
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow and not bench and not multihost and not real and not peft_suite"
 
 demo: $(STAMP)
 	$(BIN)/python examples/finetune_bert_classifier.py
