@@ -98,6 +98,7 @@ class Lifecycle:
             self._frozen = self._frozen | {adapter_name}
         if not self._active:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+        self._sync()
 
     # ------------------------------------------------------------------ activation
 
@@ -140,6 +141,7 @@ class Lifecycle:
                 f"set_adapter({self.active_adapters + inactive!r}) to activate (and unfreeze) them."
             )
         self._frozen = (self._frozen - set(names)) if requires_grad else (self._frozen | set(names))
+        self._sync()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Deletes an adapter and its parameters (it must not be merged). Biases it trained keep their trained

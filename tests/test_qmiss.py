@@ -254,7 +254,7 @@ def test_merging_into_quantized_kernels_and_bat_are_refused_leaving_the_model_as
                   lambda: merge_and_unload(peft_model.base_model)):
         with pytest.raises(ValueError, match=r"quantized \(int8, miss_jax.quantized\).*merge_for_export"):
             merge()
-        assert peft_model.merged_adapters == () and len(miss_layers(peft_model.base_model)) == 2 * len(TARGETS)
+        assert peft_model.merged_adapters == [] and len(miss_layers(peft_model.base_model)) == 2 * len(TARGETS)
     with pytest.raises(ValueError, match=r"bat adapter.*quantized.*balance or mini"):
         peft_model.add_adapter("b", MissConfig(r=4, init_weights="bat", target_modules=TARGETS))
     assert list(peft_model.adapters) == ["default"]
