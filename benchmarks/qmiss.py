@@ -110,7 +110,7 @@ def run_case(name: str, preset: Preset, steps: int, lr: float) -> dict[str, Any]
     from interop import nnx_io
     from miss_jax import MissConfig
     from miss_jax import quantized as qm
-    from miss_jax.nnx import get_peft_model
+    from miss_jax import get_peft_model
 
     nnx_io.tunix_rules()
     qtype, method = CASES[name]
