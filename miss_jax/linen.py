@@ -117,7 +117,7 @@ def fused_dense(module: nn.Module, x: jax.Array, blocks: tuple[jax.Array, ...]) 
         return None
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    if kernel is None or kernel.ndim != 2:
+    if kernel is None:  # not yet initialised
         return None
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
     if not ops.fuses(math.prod(x.shape[:-1]), [x.dtype, kernel.dtype, *(b.dtype for b in blocks)]):
